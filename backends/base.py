@@ -1,0 +1,233 @@
+"""The one interface between the CSI services and the storage.
+
+The CSI services (`csi/controller.py`, `csi/node.py`) call only what is defined here and never look at a backend's
+type. They have already validated the request, taken the per-name/per-volume lock, resolved the capacity range and
+parsed IDs; a backend receives plain Python values (no protobuf, no gRPC) and raises `backends.errors` types.
+
+Ground rules every backend keeps:
+- *Idempotent by name.* The backing object's name is derived deterministically from the request name
+  (`object_uuid`), and the request name and parameters are stored on the object itself, so a retried or concurrent
+  create after a crash finds the object instead of making a second one. No database anywhere.
+- *Crash-safe.* Every multi-step change is ordered so that a crash leaves either nothing, or something the retry
+  of the same call completes or cleans up.
+- *Secrets* arrive in `secrets` mappings and are never logged, stored in the volume context, or put in messages.
+- *No shell.* External commands run through `backends.util.run` with an argument list.
+"""
+from __future__ import annotations
+
+import abc
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Literal, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import Unsupported
+
+AccessType = Literal["mount", "block"]
+
+# CSI access modes by their enum names.
+SINGLE_NODE_MODES = frozenset({"SINGLE_NODE_WRITER", "SINGLE_NODE_READER_ONLY",
+                               "SINGLE_NODE_SINGLE_WRITER", "SINGLE_NODE_MULTI_WRITER"})
+MULTI_NODE_MODES = frozenset({"MULTI_NODE_READER_ONLY", "MULTI_NODE_SINGLE_WRITER", "MULTI_NODE_MULTI_WRITER"})
+ALL_MODES = SINGLE_NODE_MODES | MULTI_NODE_MODES
+
+_NAME_NAMESPACE = uuid.UUID("5c1f4a8e-6d0b-4b7e-9d7a-2f1c3e8b9a10")
+
+
+def object_uuid(driver_name: str, request_name: str) -> str:
+    """The deterministic backing-object identity for a CO request name (UUIDv5 of driver and name)."""
+    return str(uuid.uuid5(_NAME_NAMESPACE, f"{driver_name}/{request_name}"))
+
+
+class BackendOptions(BaseModel):
+    """Base of each backend's config model; unknown keys are errors so typos surface at load time."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class ContentSource:
+    """A CreateVolume content source, already resolved to the same backend as the new volume."""
+    kind: Literal["snapshot", "volume"]
+    local_id: str
+
+
+@dataclass(frozen=True)
+class CapabilitySpec:
+    """One requested volume capability, reduced to what storage decisions depend on."""
+    access_type: AccessType
+    access_mode: str
+    fs_type: str = ""
+    mount_flags: tuple[str, ...] = ()
+
+
+@dataclass
+class CreateVolumeSpec:
+    name: str
+    size_bytes: int  # the resolved size to create: required_bytes or the default, before rounding
+    limit_bytes: int  # 0 = no limit; a backend that rounds up must not exceed it (raise OutOfRange)
+    parameters: dict[str, str]
+    secrets: Mapping[str, str]
+    capabilities: list[CapabilitySpec]
+    source: Optional[ContentSource] = None
+    # Topology: each entry is a segments dict. Empty lists mean "no requirement".
+    requisite: list[dict[str, str]] = field(default_factory=list)
+    preferred: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Volume:
+    local_id: str
+    capacity_bytes: int
+    name: str = ""  # the CO request name stored on the object
+    context: dict[str, str] = field(default_factory=dict)  # what a node needs to attach it; nothing secret
+    parameters: dict[str, str] = field(default_factory=dict)  # creation parameters, for compatibility checks
+    source: Optional[ContentSource] = None
+    topology: list[dict[str, str]] = field(default_factory=list)  # empty: accessible from every node
+    abnormal: bool = False
+    condition_message: str = ""
+    published_nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Snapshot:
+    local_id: str
+    source_volume_local_id: str
+    size_bytes: int
+    creation_time: float  # seconds since the epoch
+    ready_to_use: bool = True
+    name: str = ""
+
+
+@dataclass
+class Capacity:
+    available_bytes: int
+    maximum_volume_size: Optional[int] = None
+    minimum_volume_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a backend supports; the controller advertises the union and refuses per volume the rest."""
+    snapshots: bool = False
+    clones: bool = False
+    expand: bool = False
+    online_expand: bool = True
+    controller_publish: bool = False  # needs ControllerPublish/Unpublish (per-node access control)
+    list_volumes: bool = True
+    capacity: bool = True
+    node_local: bool = False  # volumes live on one node (topology); CreateVolume must run on that node
+    block: bool = True
+    access_modes: frozenset[str] = SINGLE_NODE_MODES
+    volume_condition: bool = True
+
+
+@dataclass
+class Attachment:
+    """A device made present on this node; `data` is persisted in the node's stage record so that detach works
+    after a restart or reboot without asking anyone."""
+    device: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Process-wide facts a backend may need."""
+    driver_name: str
+    node_name: str
+    state_dir: str
+    topology_key: str
+
+
+class Backend(abc.ABC):
+    """One configured storage backend. Subclasses set `type_name` and `options_model` and implement the methods
+    their `features()` promise; the defaults raise Unsupported."""
+
+    type_name: ClassVar[str]
+    options_model: ClassVar[type[BackendOptions]]
+
+    def __init__(self, name: str, options: BackendOptions, runtime: Runtime) -> None:
+        self.name = name
+        self.options = options
+        self.runtime = runtime
+
+    # ---- facts -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def features(self) -> Features: ...
+
+    def allocation_unit(self) -> int:
+        """Sizes are rounded up to a multiple of this."""
+        return 1 << 20
+
+    def validate_parameters(self, parameters: Mapping[str, str]) -> None:
+        """Raise InvalidArgument for an unknown or malformed StorageClass parameter."""
+
+    def probe(self) -> None:
+        """Raise BackendUnavailable when the storage cannot be used right now (Probe RPC)."""
+
+    def close(self) -> None:
+        """Release connections at shutdown."""
+
+    # ---- controller ---------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def create_volume(self, spec: CreateVolumeSpec) -> Volume:
+        """Create the volume for `spec.name`, or return the one that already exists for that name (the controller
+        then checks compatibility). Raise OutOfRange / CapacityExceeded / NotFound (source) as fitting."""
+
+    @abc.abstractmethod
+    def delete_volume(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        """Delete; a volume that does not exist is success. InUse when it cannot go yet."""
+
+    @abc.abstractmethod
+    def get_volume(self, local_id: str, secrets: Mapping[str, str]) -> Volume:
+        """The volume, or NotFound."""
+
+    def list_volumes(self, secrets: Mapping[str, str]) -> Iterable[Volume]:
+        raise Unsupported(f"backend {self.name!r} cannot list volumes")
+
+    def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
+        raise Unsupported(f"backend {self.name!r} cannot report capacity")
+
+    def create_snapshot(self, source_local_id: str, name: str, parameters: Mapping[str, str],
+                        secrets: Mapping[str, str]) -> Snapshot:
+        raise Unsupported(f"backend {self.name!r} does not support snapshots")
+
+    def delete_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        raise Unsupported(f"backend {self.name!r} does not support snapshots")
+
+    def get_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> Snapshot:
+        raise Unsupported(f"backend {self.name!r} does not support snapshots")
+
+    def list_snapshots(self, secrets: Mapping[str, str]) -> Iterable[Snapshot]:
+        raise Unsupported(f"backend {self.name!r} does not support snapshots")
+
+    def expand_volume(self, local_id: str, size_bytes: int, secrets: Mapping[str, str]) -> tuple[int, bool]:
+        """Grow to at least `size_bytes`; return (new capacity, whether the node must grow something)."""
+        raise Unsupported(f"backend {self.name!r} does not support expansion")
+
+    def controller_publish(self, local_id: str, node: Any, readonly: bool, capability: CapabilitySpec,
+                           context: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str, str]:
+        """Grant `node` (a csi.ids.NodeRef) access; return the publish context (may hold per-volume secrets such
+        as CHAP credentials: the node receives them, nothing logs them). Idempotent."""
+        return {}
+
+    def controller_unpublish(self, local_id: str, node: Any, secrets: Mapping[str, str]) -> None:
+        """Revoke access; `node` None means every node. Idempotent."""
+
+    # ---- node -----------------------------------------------------------------------------------------------
+    def node_attributes(self) -> dict[str, str]:
+        """Facts about this node that the controller needs at publish (e.g. the iSCSI initiator IQN)."""
+        return {}
+
+    @abc.abstractmethod
+    def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],
+                    secrets: Mapping[str, str]) -> Attachment:
+        """Make the volume's block device present on this node. Idempotent: attaching an attached volume returns
+        the same device."""
+
+    @abc.abstractmethod
+    def node_detach(self, local_id: str, attachment: Attachment) -> None:
+        """Undo node_attach. Idempotent: a device that is already gone is success."""
+
+    def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
+        """Make the kernel see a grown device (loop capacity refresh, iSCSI rescan, ...)."""

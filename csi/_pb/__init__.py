@@ -1,0 +1,1 @@
+"""Generated CSI v1 protobuf and gRPC modules (`make proto`); never edit by hand."""
