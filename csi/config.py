@@ -11,7 +11,7 @@
         type: rbd
         ...backend options (see each backend's options model)
 
-No file at all means one `file` backend named `local` under `<stateDir>/volumes`: the embedded default.
+No file at all means one `file` backend named `local` under `<stateDir>/file`: the embedded default.
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
 
 def _embedded_backends(state_dir: str) -> dict[str, BackendConfig]:
     cls = backend_class("file")
-    opts = cls.options_model.model_validate({"directory": os.path.join(state_dir, "volumes")})
+    opts = cls.options_model.model_validate({"directory": os.path.join(state_dir, "file")})
     return {constants.DEFAULT_FILE_BACKEND_NAME: BackendConfig(constants.DEFAULT_FILE_BACKEND_NAME, "file", opts)}
 
 

@@ -8,7 +8,7 @@ TOPOLOGY_NODE_KEY = "topology.tessera.csi.dev/node"
 DEFAULT_CONFIG_PATH = "/etc/tessera/config.yaml"
 DEFAULT_STATE_DIR = "/var/lib/tessera"
 DEFAULT_FILE_BACKEND_NAME = "local"
-DEFAULT_FILE_BACKEND_DIR = "/var/lib/tessera/volumes"
+DEFAULT_FILE_BACKEND_DIR = "/var/lib/tessera/file"
 
 # Socket paths used by the Kubernetes deployment (kubelet's plugin directory layout).
 KUBELET_DIR = "/var/lib/kubelet"

@@ -1,0 +1,44 @@
+# Tessera developer entry points. `make run` and `make test` are the README's two commands.
+VENV      ?= $(CURDIR)/.venv
+PY        := $(VENV)/bin/python
+RUN_DIR   ?= $(CURDIR)/.run
+ENDPOINT  ?= unix://$(RUN_DIR)/csi.sock
+PYTEST_ARGS ?=
+
+.PHONY: run test deps-core deps-all proto proto-check unit e2e bench clean
+
+## run: install what the file backend needs, then serve the driver on the embedded default (file backend)
+run: deps-core
+	$(VENV)/bin/tessera-csi serve --endpoint $(ENDPOINT) --state-dir $(RUN_DIR)/state
+
+## test: install everything (apt + venv), check generated code, run the whole suite
+test: deps-all proto-check
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+deps-core:
+	.ci/install-deps core
+
+deps-all:
+	.ci/install-deps all
+
+## proto: regenerate csi/_pb from proto/csi.proto
+proto:
+	$(PY) proto/generate.py
+
+proto-check:
+	$(PY) proto/generate.py --check
+
+## unit: the fast host-only tests
+unit:
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## e2e: only the real-kernel guest stage
+e2e: deps-all
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+## bench: every benchmark, printing its figures
+bench: deps-all
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(RUN_DIR) .pytest_cache

@@ -1,0 +1,269 @@
+"""The embedded default backend: each volume is a sparse file in a local directory, attached through a loop device.
+
+Layout under `directory`:
+    volumes/<uuid>.img  + volumes/<uuid>.json     the data and its sidecar (request name, parameters, source)
+    snapshots/<uuid>.img + snapshots/<uuid>.json
+
+The sidecar is the commit point: an image without a sidecar is an unfinished create (a retry rebuilds it) or an
+unfinished delete (a retry removes it); listings and lookups only see objects whose sidecar exists.
+Copies (snapshots, clones) use reflinks where the filesystem supports them, else a sparse full copy.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterable, Mapping, Optional
+
+from pydantic import Field, field_validator
+
+from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
+                   SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
+from .errors import BackendUnavailable, CapacityExceeded, InUse, InvalidArgument, NotFound, OutOfRange
+from .util import read_json, run, write_json_atomic
+
+VOLUME_PREFIX = "vol-"
+SNAPSHOT_PREFIX = "snap-"
+
+
+class FileOptions(BackendOptions):
+    directory: str = Field(description="directory holding the volume files (created if missing)")
+    directIO: bool = Field(True, description="attach loop devices with direct I/O where the filesystem allows")
+
+    @field_validator("directory")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not os.path.isabs(v):
+            raise ValueError("must be an absolute path")
+        return os.path.normpath(v)
+
+
+class FileBackend(Backend):
+    type_name = "file"
+    options_model = FileOptions
+    options: FileOptions
+
+    def __init__(self, name, options, runtime) -> None:
+        super().__init__(name, options, runtime)
+        self.vol_dir = os.path.join(options.directory, "volumes")
+        self.snap_dir = os.path.join(options.directory, "snapshots")
+        os.makedirs(self.vol_dir, exist_ok=True)
+        os.makedirs(self.snap_dir, exist_ok=True)
+
+    def features(self) -> Features:
+        return Features(snapshots=True, clones=True, expand=True, online_expand=True, node_local=True,
+                        access_modes=SINGLE_NODE_MODES)
+
+    def validate_parameters(self, parameters: Mapping[str, str]) -> None:
+        if parameters:
+            raise InvalidArgument(f"the file backend takes no StorageClass parameters; got {', '.join(sorted(parameters))}")
+
+    def probe(self) -> None:
+        if not os.access(self.vol_dir, os.W_OK):
+            raise BackendUnavailable(f"volume directory {self.vol_dir} is not writable")
+
+    # ---- paths ------------------------------------------------------------------------------------------
+    def _uuid(self, local_id: str, prefix: str) -> str:
+        if not local_id.startswith(prefix):
+            raise NotFound(f"{'volume' if prefix == VOLUME_PREFIX else 'snapshot'} {self.name}:{local_id} does not exist")
+        return local_id[len(prefix):]
+
+    def _vol_paths(self, local_id: str) -> tuple[str, str]:
+        u = self._uuid(local_id, VOLUME_PREFIX)
+        return os.path.join(self.vol_dir, u + ".img"), os.path.join(self.vol_dir, u + ".json")
+
+    def _snap_paths(self, local_id: str) -> tuple[str, str]:
+        u = self._uuid(local_id, SNAPSHOT_PREFIX)
+        return os.path.join(self.snap_dir, u + ".img"), os.path.join(self.snap_dir, u + ".json")
+
+    def _topology(self) -> list[dict[str, str]]:
+        return [{self.runtime.topology_key: self.runtime.node_name}]
+
+    # ---- volumes ----------------------------------------------------------------------------------------
+    def _load_volume(self, local_id: str) -> Optional[Volume]:
+        img, meta = self._vol_paths(local_id)
+        try:
+            m = read_json(meta)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.stat(img).st_size
+            abnormal, message = False, ""
+        except FileNotFoundError:
+            size, abnormal, message = m["size"], True, f"backing file {img} is missing"
+        src = m.get("source")
+        return Volume(local_id=local_id, capacity_bytes=size, name=m["name"], parameters=m.get("parameters", {}),
+                      context={"path": img}, source=ContentSource(src["kind"], src["local_id"]) if src else None,
+                      topology=self._topology(), abnormal=abnormal, condition_message=message)
+
+    def create_volume(self, spec: CreateVolumeSpec) -> Volume:
+        local_id = VOLUME_PREFIX + object_uuid(self.runtime.driver_name, spec.name)
+        existing = self._load_volume(local_id)
+        if existing is not None:
+            return existing
+        img, meta = self._vol_paths(local_id)
+        st = os.statvfs(self.vol_dir)
+        if spec.size_bytes > st.f_blocks * st.f_frsize:
+            raise CapacityExceeded(f"{spec.size_bytes} bytes is more than the whole filesystem of {self.vol_dir} "
+                                   f"({st.f_blocks * st.f_frsize} bytes)")
+        tmp = img + ".tmp"
+        if spec.source is None:
+            with open(tmp, "wb") as f:
+                f.truncate(spec.size_bytes)
+                os.fsync(f.fileno())
+        else:
+            src_img = self._source_image(spec.source)
+            src_size = os.stat(src_img).st_size
+            if spec.size_bytes < src_size:
+                raise OutOfRange(f"requested {spec.size_bytes} bytes is smaller than the source "
+                                 f"{spec.source.kind} ({src_size} bytes)")
+            if spec.limit_bytes and src_size > spec.limit_bytes:
+                raise OutOfRange(f"the source {spec.source.kind} ({src_size} bytes) exceeds limit_bytes {spec.limit_bytes}")
+            self._copy(src_img, tmp)
+            with open(tmp, "r+b") as f:
+                if spec.size_bytes > src_size:
+                    f.truncate(spec.size_bytes)
+                os.fsync(f.fileno())
+        os.replace(tmp, img)
+        source = {"kind": spec.source.kind, "local_id": spec.source.local_id} if spec.source else None
+        write_json_atomic(meta, {"name": spec.name, "size": spec.size_bytes, "parameters": spec.parameters,
+                                 "source": source, "created": time.time()})
+        vol = self._load_volume(local_id)
+        assert vol is not None
+        return vol
+
+    def _source_image(self, source: ContentSource) -> str:
+        if source.kind == "snapshot":
+            img, meta = self._snap_paths(source.local_id)
+        else:
+            img, meta = self._vol_paths(source.local_id)
+        if not os.path.exists(meta) or not os.path.exists(img):
+            raise NotFound(f"source {source.kind} {self.name}:{source.local_id} does not exist")
+        return img
+
+    @staticmethod
+    def _copy(src: str, dst: str) -> None:
+        run(["cp", "--reflink=auto", "--sparse=always", "--", src, dst], timeout=3600)
+
+    def delete_volume(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        try:
+            img, meta = self._vol_paths(local_id)
+        except NotFound:
+            return
+        if os.path.exists(img):
+            from csi import loopdev  # node-side helper; a controller-only host never reaches here with a device
+            dev = loopdev.find(img)
+            if dev:
+                raise InUse(f"volume {self.name}:{local_id} is still attached as {dev} on this node; unstage it first")
+        for path in (meta, img, img + ".tmp"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def get_volume(self, local_id: str, secrets: Mapping[str, str]) -> Volume:
+        vol = self._load_volume(local_id) if local_id.startswith(VOLUME_PREFIX) else None
+        if vol is None:
+            raise NotFound(f"volume {self.name}:{local_id} does not exist")
+        return vol
+
+    def list_volumes(self, secrets: Mapping[str, str]) -> Iterable[Volume]:
+        for entry in sorted(os.listdir(self.vol_dir)):
+            if entry.endswith(".json") and not entry.startswith("."):
+                vol = self._load_volume(VOLUME_PREFIX + entry[:-5])
+                if vol is not None:
+                    yield vol
+
+    def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
+        st = os.statvfs(self.vol_dir)
+        avail = st.f_bavail * st.f_frsize
+        return Capacity(available_bytes=avail, maximum_volume_size=st.f_blocks * st.f_frsize)
+
+    def expand_volume(self, local_id: str, size_bytes: int, secrets: Mapping[str, str]) -> tuple[int, bool]:
+        vol = self.get_volume(local_id, secrets)
+        img, _ = self._vol_paths(local_id)
+        if vol.capacity_bytes < size_bytes:
+            with open(img, "r+b") as f:
+                f.truncate(size_bytes)
+                os.fsync(f.fileno())
+        return max(vol.capacity_bytes, size_bytes), True
+
+    # ---- snapshots --------------------------------------------------------------------------------------
+    def _load_snapshot(self, local_id: str) -> Optional[Snapshot]:
+        img, meta = self._snap_paths(local_id)
+        try:
+            m = read_json(meta)
+        except FileNotFoundError:
+            return None
+        return Snapshot(local_id=local_id, source_volume_local_id=m["source_volume"], size_bytes=m["size"],
+                        creation_time=m["created"], ready_to_use=os.path.exists(img), name=m["name"])
+
+    def create_snapshot(self, source_local_id: str, name: str, parameters: Mapping[str, str],
+                        secrets: Mapping[str, str]) -> Snapshot:
+        if parameters:
+            raise InvalidArgument(f"the file backend takes no snapshot parameters; got {', '.join(sorted(parameters))}")
+        local_id = SNAPSHOT_PREFIX + object_uuid(self.runtime.driver_name, "snapshot/" + name)
+        existing = self._load_snapshot(local_id)
+        if existing is not None:
+            return existing
+        src_img = self._source_image(ContentSource("volume", source_local_id))
+        img, meta = self._snap_paths(local_id)
+        tmp = img + ".tmp"
+        self._copy(src_img, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, img)
+        write_json_atomic(meta, {"name": name, "source_volume": source_local_id, "size": os.stat(img).st_size,
+                                 "created": time.time()})
+        snap = self._load_snapshot(local_id)
+        assert snap is not None
+        return snap
+
+    def delete_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        try:
+            img, meta = self._snap_paths(local_id)
+        except NotFound:
+            return
+        for path in (meta, img, img + ".tmp"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def get_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> Snapshot:
+        snap = self._load_snapshot(local_id) if local_id.startswith(SNAPSHOT_PREFIX) else None
+        if snap is None:
+            raise NotFound(f"snapshot {self.name}:{local_id} does not exist")
+        return snap
+
+    def list_snapshots(self, secrets: Mapping[str, str]) -> Iterable[Snapshot]:
+        for entry in sorted(os.listdir(self.snap_dir)):
+            if entry.endswith(".json") and not entry.startswith("."):
+                snap = self._load_snapshot(SNAPSHOT_PREFIX + entry[:-5])
+                if snap is not None:
+                    yield snap
+
+    # ---- node -------------------------------------------------------------------------------------------
+    def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],
+                    secrets: Mapping[str, str]) -> Attachment:
+        from csi import loopdev
+        img, meta = self._vol_paths(local_id)
+        if not os.path.exists(meta) or not os.path.exists(img):
+            raise NotFound(f"volume {self.name}:{local_id} does not exist on this node ({img})")
+        return Attachment(device=loopdev.attach(img, direct_io=self.options.directIO), data={"path": img})
+
+    def node_detach(self, local_id: str, attachment: Attachment) -> None:
+        from csi import loopdev
+        img, _ = self._vol_paths(local_id)
+        # a file may have been attached more than once by an earlier crash-and-retry; free every device
+        for _ in range(8):
+            device = loopdev.find(attachment.data.get("path", img))
+            if not device:
+                return
+            loopdev.detach(device)
+
+    def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
+        from csi import loopdev
+        loopdev.refresh(attachment.device)
+
+
+BACKEND = FileBackend

@@ -1,0 +1,89 @@
+"""`tessera-csi`: serve the CSI plugin, or check a config file."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from typing import Optional, Sequence
+
+from . import constants
+
+
+def _node_name(flag: Optional[str]) -> str:
+    return flag or os.environ.get("NODE_NAME") or os.environ.get("KUBE_NODE_NAME") or socket.gethostname()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .server import EndpointError, build, serve_forever
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = load_config(args.config, args.state_dir)
+    except ConfigError as e:
+        print(f"tessera-csi: invalid configuration {e.source}:", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    if args.metrics_address:
+        from prometheus_client import start_http_server
+        host, _, port = args.metrics_address.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0")
+    try:
+        srv = build(config, args.endpoint, _node_name(args.node_id), args.mode)
+    except EndpointError as e:
+        print(f"tessera-csi: {e}", file=sys.stderr)
+        return 2
+    backends = ", ".join(f"{n}({c.type})" for n, c in config.backends.items())
+    print(f"tessera-csi: serving CSI on {args.endpoint} (mode {args.mode}, driver {config.driver_name}, "
+          f"backends {backends})", flush=True)
+    serve_forever(srv)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    try:
+        config = load_config(args.file)
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"{e.source}: {p}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK ({len(config.backends)} backend(s): "
+          f"{', '.join(f'{n}({c.type})' for n, c in config.backends.items())}; default {config.default_backend})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tessera-csi", description="Tessera CSI storage driver")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the CSI plugin on a unix socket")
+    s.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", f"unix://{constants.NODE_SOCKET_PATH}"),
+                   help="unix:///path/to/csi.sock")
+    s.add_argument("--config", default=None, help=f"YAML config (default {constants.DEFAULT_CONFIG_PATH} if present, "
+                                                   "else the embedded file backend)")
+    s.add_argument("--node-id", default=None, help="node name (default $NODE_NAME or the hostname)")
+    s.add_argument("--state-dir", default=None, help=f"state directory (default {constants.DEFAULT_STATE_DIR})")
+    s.add_argument("--mode", default="all", choices=["all", "controller", "node"])
+    s.add_argument("--metrics-address", default=None, help="HOST:PORT for Prometheus /metrics")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_serve)
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    v = csub.add_parser("validate", help="check a config file and list every problem")
+    v.add_argument("file")
+    v.set_defaults(func=_validate)
+    ver = sub.add_parser("version", help="print the version")
+    ver.set_defaults(func=lambda a: print(f"tessera-csi {constants.VENDOR_VERSION}") or 0)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Controller logic, free of gRPC: shared by the CSI Controller service and the FlexVolume provisioner.
+
+Validation that depends on the request (names, sizes, capabilities, topology) happens here, before any backend is
+called; the backend only ever sees a request that makes sense. Every call on a name or a volume holds that key's
+lock (a concurrent second call gets Aborted).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
+
+from backends.base import Backend, CapabilitySpec, Capacity, ContentSource, CreateVolumeSpec, Snapshot, Volume
+from backends.errors import (AlreadyExists, Aborted, CapacityExceeded, InvalidArgument, NotFound, OutOfRange,
+                             Unsupported)
+
+from . import constants
+from .ids import NodeRef, make_id, parse_id, parse_node_id
+from .locks import KeyedLocks
+from .registry import Backends
+
+MAX_NAME = 128
+_TOKEN_PREFIX = "t1."
+
+
+@dataclass
+class Page:
+    entries: list
+    next_token: str
+
+
+def check_capabilities(backend: Backend, caps: Sequence[CapabilitySpec]) -> Optional[str]:
+    """None when the backend supports every capability, else the reason (a sentence for the user)."""
+    f = backend.features()
+    for c in caps:
+        if c.access_mode not in f.access_modes:
+            return f"access mode {c.access_mode} is not supported by backend {backend.name!r} " \
+                   f"(supported: {', '.join(sorted(f.access_modes))})"
+        if c.access_type == "block" and not f.block:
+            return f"raw block volumes are not supported by backend {backend.name!r}"
+        if c.access_type == "mount" and c.fs_type and c.fs_type not in constants.SUPPORTED_FS_TYPES:
+            return f"fsType {c.fs_type!r} is not supported (one of {', '.join(constants.SUPPORTED_FS_TYPES)})"
+    return None
+
+
+def encode_token(last_id: str) -> str:
+    return _TOKEN_PREFIX + base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def decode_token(token: str) -> str:
+    """The ID after which the next page starts. A token we did not make → Aborted, as the spec asks."""
+    if not token.startswith(_TOKEN_PREFIX):
+        raise Aborted(f"starting_token {token[:40]!r} was not issued by this plugin; restart the listing")
+    body = token[len(_TOKEN_PREFIX):]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+        parse_id(raw)
+    except (binascii.Error, UnicodeDecodeError, ValueError, NotFound, InvalidArgument):
+        raise Aborted(f"starting_token {token[:40]!r} is not valid; restart the listing") from None
+    return raw
+
+
+def paginate(items: list, key, max_entries: int, starting_token: str) -> Page:
+    if max_entries < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    items = sorted(items, key=key)
+    if starting_token:
+        after = decode_token(starting_token)
+        items = [i for i in items if key(i) > after]
+    if max_entries and len(items) > max_entries:
+        page = items[:max_entries]
+        return Page(page, encode_token(key(page[-1])))
+    return Page(items, "")
+
+
+class ControllerOps:
+    def __init__(self, backends: Backends, locks: Optional[KeyedLocks] = None) -> None:
+        self.backends = backends
+        self.locks = locks or KeyedLocks()
+
+    @property
+    def node_name(self) -> str:
+        return self.backends.runtime.node_name
+
+    # ---- volumes --------------------------------------------------------------------------------------
+    def create_volume(self, name: str, required_bytes: int, limit_bytes: int, capabilities: Sequence[CapabilitySpec],
+                      parameters: Mapping[str, str], secrets: Mapping[str, str],
+                      source: Optional[tuple[str, str]] = None,
+                      requisite: Sequence[Mapping[str, str]] = (), preferred: Sequence[Mapping[str, str]] = ()
+                      ) -> tuple[str, Volume]:
+        """Create or find the volume for `name`. `source` is ("snapshot"|"volume", ID). Returns (volume ID, Volume)."""
+        if not name:
+            raise InvalidArgument("name is required")
+        if len(name) > MAX_NAME:
+            raise InvalidArgument(f"name is longer than {MAX_NAME} characters")
+        if not capabilities:
+            raise InvalidArgument("volume_capabilities is required")
+        if required_bytes < 0 or limit_bytes < 0:
+            raise InvalidArgument("capacity_range must not be negative")
+        if limit_bytes and required_bytes > limit_bytes:
+            raise InvalidArgument(f"capacity_range.required_bytes ({required_bytes}) exceeds limit_bytes ({limit_bytes})")
+        params = dict(parameters)
+        backend = self.backends.for_create(params.pop(constants.PARAM_BACKEND, None))
+        for k in constants.EXTRA_METADATA_PARAMS:
+            params.pop(k, None)
+        backend.validate_parameters(params)
+        problem = check_capabilities(backend, capabilities)
+        if problem:
+            raise InvalidArgument(problem)
+        size = self._size(backend, required_bytes, limit_bytes)
+        content: Optional[ContentSource] = None
+        if source is not None:
+            content = self._content_source(backend, source[0], source[1], secrets)
+        feats = backend.features()
+        if feats.node_local:
+            self._check_topology(requisite, preferred)
+        spec = CreateVolumeSpec(name=name, size_bytes=size, limit_bytes=limit_bytes, parameters=params,
+                                secrets=secrets, capabilities=list(capabilities), source=content,
+                                requisite=[dict(t) for t in requisite], preferred=[dict(t) for t in preferred])
+        with self.locks.hold("name/" + name):
+            vol = backend.create_volume(spec)
+        if vol.capacity_bytes < required_bytes or (limit_bytes and vol.capacity_bytes > limit_bytes):
+            raise AlreadyExists(f"volume {name!r} already exists with {vol.capacity_bytes} bytes, outside the requested "
+                                f"range [{required_bytes}, {limit_bytes or 'unlimited'}]")
+        if (vol.source or None) != content:
+            raise AlreadyExists(f"volume {name!r} already exists with a different content source")
+        if vol.parameters != params:
+            raise AlreadyExists(f"volume {name!r} already exists with different parameters")
+        return make_id(backend.name, vol.local_id), vol
+
+    def _size(self, backend: Backend, required: int, limit: int) -> int:
+        unit = backend.allocation_unit()
+        size = required or (min(constants.DEFAULT_VOLUME_SIZE, limit) if limit else constants.DEFAULT_VOLUME_SIZE)
+        rounded = -(-size // unit) * unit
+        if limit and rounded > limit:
+            raise OutOfRange(f"backend {backend.name!r} allocates in units of {unit} bytes; no size in "
+                             f"[{required}, {limit}] is possible")
+        return rounded
+
+    def _content_source(self, backend: Backend, kind: str, raw_id: str, secrets: Mapping[str, str]) -> ContentSource:
+        oid = parse_id(raw_id, kind)
+        if oid.backend != backend.name:
+            self.backends.for_id(oid.backend, f"{kind} {raw_id!r}")  # NotFound if that backend does not exist
+            raise InvalidArgument(f"{kind} {raw_id!r} lives in backend {oid.backend!r}; a new volume from it must be "
+                                  f"created in the same backend, not {backend.name!r}")
+        feats = backend.features()
+        if kind == "snapshot" and not feats.snapshots:
+            raise InvalidArgument(f"backend {backend.name!r} does not support volumes from snapshots")
+        if kind == "volume" and not feats.clones:
+            raise InvalidArgument(f"backend {backend.name!r} does not support cloning volumes")
+        if kind == "snapshot":
+            backend.get_snapshot(oid.local, secrets)
+        else:
+            backend.get_volume(oid.local, secrets)
+        return ContentSource(kind, oid.local)  # type: ignore[arg-type]
+
+    def _check_topology(self, requisite: Sequence[Mapping[str, str]], preferred: Sequence[Mapping[str, str]]) -> None:
+        """Node-local volumes can only be made on this node: fine if the CO accepts it, RESOURCE_EXHAUSTED if not."""
+        wanted = list(preferred) + list(requisite)
+        if not wanted:
+            return
+        key = constants.TOPOLOGY_NODE_KEY
+        if not any(t.get(key, self.node_name) == self.node_name for t in requisite or wanted):
+            nodes = sorted({t.get(key, "?") for t in requisite or wanted})
+            raise CapacityExceeded(f"this controller provisions node-local volumes only on node {self.node_name!r}; "
+                                   f"the request allows only {', '.join(nodes)}")
+
+    def delete_volume(self, volume_id: str, secrets: Mapping[str, str]) -> None:
+        try:
+            oid = parse_id(volume_id)
+            backend = self.backends.for_id(oid.backend, f"volume {volume_id!r}")
+        except NotFound:
+            return  # cannot exist, so it is deleted
+        with self.locks.hold("volume/" + volume_id):
+            backend.delete_volume(oid.local, secrets)
+
+    def get_volume(self, volume_id: str, secrets: Mapping[str, str] = {}) -> tuple[Backend, Volume]:
+        oid = parse_id(volume_id)
+        backend = self.backends.for_id(oid.backend, f"volume {volume_id!r}")
+        return backend, backend.get_volume(oid.local, secrets)
+
+    def list_volumes(self, max_entries: int, starting_token: str) -> Page:
+        vols: list[tuple[str, Volume]] = []
+        for b in self.backends:
+            if b.features().list_volumes:
+                vols.extend((make_id(b.name, v.local_id), v) for v in b.list_volumes({}))
+        return paginate(vols, key=lambda e: e[0], max_entries=max_entries, starting_token=starting_token)
+
+    def get_capacity(self, parameters: Mapping[str, str], capabilities: Sequence[CapabilitySpec],
+                     segments: Optional[Mapping[str, str]]) -> Capacity:
+        params = dict(parameters)
+        backend = self.backends.for_create(params.pop(constants.PARAM_BACKEND, None))
+        backend.validate_parameters(params)
+        if capabilities and check_capabilities(backend, capabilities):
+            return Capacity(0)
+        if segments and backend.features().node_local and \
+                segments.get(constants.TOPOLOGY_NODE_KEY, self.node_name) != self.node_name:
+            return Capacity(0)
+        return backend.get_capacity(params, segments)
+
+    def expand_volume(self, volume_id: str, required_bytes: int, limit_bytes: int,
+                      secrets: Mapping[str, str]) -> tuple[int, bool]:
+        if required_bytes < 0 or limit_bytes < 0:
+            raise InvalidArgument("capacity_range must not be negative")
+        if limit_bytes and required_bytes > limit_bytes:
+            raise InvalidArgument(f"capacity_range.required_bytes ({required_bytes}) exceeds limit_bytes ({limit_bytes})")
+        oid = parse_id(volume_id)
+        backend = self.backends.for_id(oid.backend, f"volume {volume_id!r}")
+        if not backend.features().expand:
+            raise Unsupported(f"backend {backend.name!r} does not support expansion")
+        with self.locks.hold("volume/" + volume_id):
+            vol = backend.get_volume(oid.local, secrets)
+            size = self._size(backend, max(required_bytes, 1), limit_bytes)
+            if vol.capacity_bytes >= size:
+                return vol.capacity_bytes, False
+            return backend.expand_volume(oid.local, size, secrets)
+
+    def publish(self, volume_id: str, node_id: str, readonly: bool, capability: CapabilitySpec,
+                context: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str, str]:
+        oid = parse_id(volume_id)
+        backend = self.backends.for_id(oid.backend, f"volume {volume_id!r}")
+        node = parse_node_id(node_id)
+        with self.locks.hold("volume/" + volume_id):
+            vol = backend.get_volume(oid.local, secrets)
+            problem = check_capabilities(backend, [capability])
+            if problem:
+                raise InvalidArgument(problem)
+            self._check_node_reaches(backend, vol, node)
+            return backend.controller_publish(oid.local, node, readonly, capability, vol.context, secrets)
+
+    def _check_node_reaches(self, backend: Backend, vol: Volume, node: NodeRef) -> None:
+        key = constants.TOPOLOGY_NODE_KEY
+        if vol.topology and not any(t.get(key) == node.name for t in vol.topology if key in t):
+            raise NotFound(f"node {node.name!r} cannot reach volume {backend.name}:{vol.local_id} "
+                           f"(it lives on {', '.join(t.get(key, '?') for t in vol.topology)})")
+
+    def unpublish(self, volume_id: str, node_id: str, secrets: Mapping[str, str]) -> None:
+        try:
+            oid = parse_id(volume_id)
+            backend = self.backends.for_id(oid.backend, f"volume {volume_id!r}")
+        except NotFound:
+            return  # a volume that does not exist is not published anywhere
+        node = parse_node_id(node_id) if node_id else None
+        with self.locks.hold("volume/" + volume_id):
+            backend.controller_unpublish(oid.local, node, secrets)
+
+    # ---- snapshots ------------------------------------------------------------------------------------
+    def create_snapshot(self, source_volume_id: str, name: str, parameters: Mapping[str, str],
+                        secrets: Mapping[str, str]) -> tuple[str, Snapshot]:
+        if not name:
+            raise InvalidArgument("name is required")
+        if len(name) > MAX_NAME:
+            raise InvalidArgument(f"name is longer than {MAX_NAME} characters")
+        if not source_volume_id:
+            raise InvalidArgument("source_volume_id is required")
+        oid = parse_id(source_volume_id)
+        backend = self.backends.for_id(oid.backend, f"volume {source_volume_id!r}")
+        if not backend.features().snapshots:
+            raise InvalidArgument(f"backend {backend.name!r} does not support snapshots")
+        params = {k: v for k, v in parameters.items() if not k.startswith("csi.storage.k8s.io/")}
+        with self.locks.hold("snapshot-name/" + name):
+            snap = backend.create_snapshot(oid.local, name, params, secrets)
+        if snap.source_volume_local_id != oid.local:
+            raise AlreadyExists(f"snapshot {name!r} already exists for another volume "
+                                f"({make_id(backend.name, snap.source_volume_local_id)})")
+        return make_id(backend.name, snap.local_id), snap
+
+    def delete_snapshot(self, snapshot_id: str, secrets: Mapping[str, str]) -> None:
+        try:
+            oid = parse_id(snapshot_id, "snapshot")
+            backend = self.backends.for_id(oid.backend, f"snapshot {snapshot_id!r}")
+        except NotFound:
+            return
+        if not backend.features().snapshots:
+            return
+        with self.locks.hold("snapshot/" + snapshot_id):
+            backend.delete_snapshot(oid.local, secrets)
+
+    def list_snapshots(self, max_entries: int, starting_token: str, snapshot_id: str = "",
+                       source_volume_id: str = "", secrets: Mapping[str, str] = {}) -> Page:
+        snaps: list[tuple[str, Snapshot]] = []
+        if snapshot_id:
+            try:
+                oid = parse_id(snapshot_id, "snapshot")
+                b = self.backends.for_id(oid.backend, "snapshot")
+                if b.features().snapshots:
+                    s = b.get_snapshot(oid.local, secrets)
+                    snaps.append((snapshot_id, s))
+            except NotFound:
+                pass
+        else:
+            only: Optional[tuple[str, str]] = None
+            if source_volume_id:
+                try:
+                    vid = parse_id(source_volume_id)
+                    only = (vid.backend, vid.local)
+                except NotFound:
+                    return paginate([], key=lambda e: e[0], max_entries=max_entries, starting_token=starting_token)
+            for b in self.backends:
+                if not b.features().snapshots or (only and only[0] != b.name):
+                    continue
+                for s in b.list_snapshots(secrets):
+                    if only is None or s.source_volume_local_id == only[1]:
+                        snaps.append((make_id(b.name, s.local_id), s))
+        return paginate(snaps, key=lambda e: e[0], max_entries=max_entries, starting_token=starting_token)
+
+    def source_volume_id(self, snapshot_id: str, snap: Snapshot) -> str:
+        return make_id(parse_id(snapshot_id, "snapshot").backend, snap.source_volume_local_id)

@@ -1,0 +1,82 @@
+"""Filesystem work on a node: probe, format (only blank devices), grow, usage."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from backends.errors import FailedPrecondition, InvalidArgument
+from backends.util import CommandError, run
+
+from .constants import SUPPORTED_FS_TYPES
+
+
+def probe(device: str) -> tuple[str, str]:
+    """(filesystem type, partition table type) found on the device by low-level probing; ("", "") when blank.
+    Low-level mode (-p) reads the device itself, not blkid's cache, so a fresh mkfs is seen at once."""
+    try:
+        out = run(["blkid", "-p", "-o", "export", device], timeout=60).stdout
+    except CommandError as e:
+        if e.returncode == 2:  # nothing found
+            return "", ""
+        raise
+    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return values.get("TYPE", ""), values.get("PTTYPE", "")
+
+
+def make(device: str, fstype: str) -> None:
+    if fstype == "ext4":
+        run(["mkfs.ext4", "-F", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", device], timeout=600)
+    elif fstype == "xfs":
+        run(["mkfs.xfs", "-q", "-K", device], timeout=600)
+    else:
+        raise InvalidArgument(f"fsType {fstype!r} is not supported (one of {', '.join(SUPPORTED_FS_TYPES)})")
+
+
+def ensure_formatted(device: str, fstype: str) -> str:
+    """Format a blank device; never touch one that holds anything. Returns the filesystem found or made."""
+    found, table = probe(device)
+    if not found and not table:
+        make(device, fstype)
+        return fstype
+    if table and not found:
+        raise FailedPrecondition(f"device {device} holds a {table} partition table; refusing to format it")
+    if found != fstype:
+        raise FailedPrecondition(f"device {device} already holds a {found} filesystem but {fstype} was requested; "
+                                 "it is not reformatted (data would be lost)")
+    return found
+
+
+def grow(device: str, mountpoint: str, fstype: str) -> None:
+    """Grow a mounted filesystem to fill its device."""
+    if fstype == "ext4":
+        run(["resize2fs", device], timeout=600)
+    elif fstype == "xfs":
+        run(["xfs_growfs", mountpoint], timeout=600)
+    else:
+        raise InvalidArgument(f"cannot grow a {fstype} filesystem")
+
+
+def device_size(device: str) -> int:
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Usage:
+    bytes_total: int
+    bytes_available: int
+    bytes_used: int
+    inodes_total: int
+    inodes_free: int
+    inodes_used: int
+
+
+def usage(path: str) -> Usage:
+    st = os.statvfs(path)
+    total = st.f_blocks * st.f_frsize
+    avail = st.f_bavail * st.f_frsize
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    return Usage(total, avail, used, st.f_files, st.f_ffree, st.f_files - st.f_ffree)

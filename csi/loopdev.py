@@ -1,0 +1,65 @@
+"""Loop devices: the block device for a volume that lives in a file (file backend, rbd-fuse images).
+
+Direct I/O is asked for so the page cache does not hold a second copy of the data (and writes reach the backing
+file in order); filesystems that cannot do O_DIRECT (tmpfs) fall back to buffered mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from backends.errors import NotFound
+from backends.util import CommandError, run
+
+
+def _list() -> list[dict]:
+    out = run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE"]).stdout
+    if not out.strip():
+        return []
+    return json.loads(out).get("loopdevices", [])
+
+
+def find(path: str) -> Optional[str]:
+    """The loop device backed by `path`, if any (the oldest when several)."""
+    real = os.path.realpath(path)
+    for dev in _list():
+        back = (dev.get("back-file") or "").removesuffix(" (deleted)")
+        if back in (path, real):
+            return dev["name"]
+    return None
+
+
+def attach(path: str, direct_io: bool = True, read_only: bool = False) -> str:
+    """Attach `path` to a free loop device, or return the device it is already attached to."""
+    if not os.path.exists(path):
+        raise NotFound(f"backing file {path} does not exist")
+    existing = find(path)
+    if existing:
+        return existing
+    base = ["losetup", "--find", "--show"]
+    if read_only:
+        base.append("--read-only")
+    if direct_io:
+        try:
+            return run(base + ["--direct-io=on", path]).stdout.strip()
+        except CommandError:
+            pass  # the backing filesystem cannot do O_DIRECT; buffered mode still works
+    return run(base + [path]).stdout.strip()
+
+
+def detach(device: str) -> None:
+    """Detach; a device that is already free or gone is success."""
+    if not device:
+        return
+    try:
+        run(["losetup", "--detach", device])
+    except CommandError as e:
+        if "No such device" in e.stderr or "No such file" in e.stderr or not os.path.exists(device):
+            return
+        raise
+
+
+def refresh(device: str) -> None:
+    """Make the kernel re-read the backing file's size after it grew."""
+    run(["losetup", "--set-capacity", device])

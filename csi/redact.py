@@ -1,0 +1,41 @@
+"""Request rendering for logs with every field the spec marks `csi_secret` replaced, so secrets never reach a log."""
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.message import Message
+
+from ._pb import csi_pb2
+
+_SECRET_EXT = csi_pb2.csi_secret
+REDACTED = "***stripped***"
+
+
+def _repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf >= 5.x; `label` is gone in newer releases
+    return bool(flag) if flag is not None else field.label == 3
+
+
+def _is_secret(field) -> bool:
+    opts = field.GetOptions()
+    return opts.HasExtension(_SECRET_EXT) and opts.Extensions[_SECRET_EXT]
+
+
+def safe_dict(msg: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field, value in msg.ListFields():
+        if _is_secret(field):
+            out[field.name] = REDACTED
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            out[field.name] = dict(value) if field.message_type.fields_by_name["value"].message_type is None else \
+                {k: safe_dict(v) for k, v in value.items()}
+        elif field.message_type is not None:
+            if _repeated(field):
+                out[field.name] = [safe_dict(v) for v in value]
+            else:
+                out[field.name] = safe_dict(value)
+        elif _repeated(field):
+            out[field.name] = list(value)
+        else:
+            out[field.name] = value
+    return out
