@@ -1,0 +1,345 @@
+"""Node-local volumes as LVM logical volumes: thick LVs in a volume group, or thin LVs in a thin pool.
+
+Deployment consequence: an LV exists on one node only, so every volume reports the topology
+`{topology.tessera.csi.dev/node: <node>}` and CreateVolume must run *on that node*. The controller service for this
+backend therefore runs on every node (`tessera-csi serve --mode all`) with the external-provisioner in
+node-deployment mode; a request whose accessibility requirements exclude this node fails with RESOURCE_EXHAUSTED
+("Unable to provision in accessible_topology"), so the CO tries elsewhere.
+
+Metadata lives in LV tags (namespace `tessera`, see `lvm_volumes`): kind, request name, parameters, content source,
+snapshot origin and time. A create that needs more than one LVM command (clones, copies, grows) carries the tag
+`tessera.state=pending` until its last step; a retry that finds a pending LV removes it and starts again, so a crash
+never leaves a half-made volume that looks finished.
+
+What each mode supports:
+- thin (thinPool set): snapshots (thin snapshots, block-sharing, independent of their origin), volumes from
+  snapshots and clones of volumes (thin snapshots with activation enabled), online expansion. Capacity is
+  `pool size × overcommitRatio − Σ virtual sizes of the pool's LVs`.
+- thick: clones of volumes (a full copy read from a transient COW snapshot of the source, so the copy is
+  point-in-time consistent), online expansion. *Snapshots are not supported* (a classic LVM snapshot dies with its
+  origin and when its COW area fills, which breaks the CSI snapshot contract): CreateSnapshot and volumes from
+  snapshots fail with an "unsupported" error telling the operator to configure a thin pool. Capacity is the VG's
+  free extents.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterable, Mapping, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
+                   SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
+from .errors import (CapacityExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TesseraError,
+                     Unsupported)
+from .lvm_volumes import LvInfo, LvmVolumes, fields_to_tags, validate_name
+
+VOLUME_PREFIX = "tv-"
+SNAPSHOT_PREFIX = "ts-"
+TEMP_PREFIX = "tt-"
+NS = "tessera"
+PENDING_TAG = fields_to_tags(NS, {"state": "pending"})[0]
+
+
+class LvmOptions(BackendOptions):
+    volumeGroup: str = Field(description="the volume group holding the volumes (must exist on every node)")
+    thinPool: Optional[str] = Field(None, description="thin pool LV in the VG; unset = thick LVs")
+    overcommitRatio: float = Field(1.0, ge=1.0, le=100.0,
+                                   description="thin only: virtual sizes may add up to pool size × this")
+    commandTimeout: float = Field(120.0, gt=0, description="seconds each LVM command may take")
+
+    @field_validator("volumeGroup", "thinPool")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            try:
+                validate_name(v, "LVM")
+            except InvalidArgument as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _ratio_needs_pool(self) -> "LvmOptions":
+        if self.overcommitRatio != 1.0 and not self.thinPool:
+            raise ValueError("overcommitRatio applies only to thin volumes: set thinPool too")
+        return self
+
+
+class LvmBackend(Backend):
+    type_name = "lvm"
+    options_model = LvmOptions
+    options: LvmOptions
+
+    def __init__(self, name: str, options: LvmOptions, runtime) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(name, options, runtime)
+        self.lvm = LvmVolumes(options.volumeGroup, options.thinPool, timeout=options.commandTimeout)
+        self._extent: Optional[int] = None
+
+    @property
+    def thin(self) -> bool:
+        return bool(self.options.thinPool)
+
+    def features(self) -> Features:
+        return Features(snapshots=self.thin, clones=True, expand=True, online_expand=True, node_local=True,
+                        access_modes=SINGLE_NODE_MODES)
+
+    def allocation_unit(self) -> int:
+        if self._extent is None:
+            try:
+                self._extent = self.lvm.vg_info().extent_size or (4 << 20)
+            except TesseraError:
+                return 4 << 20  # VG unreachable now; CreateVolume will report that itself
+        return self._extent
+
+    def validate_parameters(self, parameters: Mapping[str, str]) -> None:
+        if parameters:
+            raise InvalidArgument(f"the lvm backend takes no StorageClass parameters; got {', '.join(sorted(parameters))}")
+
+    def probe(self) -> None:
+        self.lvm.vg_info()
+        if self.thin:
+            self.lvm.pool_info()
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+    def _topology(self) -> list[dict[str, str]]:
+        return [{self.runtime.topology_key: self.runtime.node_name}]
+
+    def _mine(self, lv: LvInfo) -> bool:
+        """An LV of this backend: our tags, and in our pool (thin) or outside any pool (thick)."""
+        if self.thin:
+            return lv.pool == self.options.thinPool
+        return not lv.pool and not lv.is_thin and not lv.is_thin_pool
+
+    def _volume(self, lv: LvInfo) -> Volume:
+        f = lv.fields(NS)
+        src = None
+        if "source" in f and ":" in f["source"]:
+            kind, _, sid = f["source"].partition(":")
+            src = ContentSource(kind, sid)  # type: ignore[arg-type]
+        params = {k[2:]: v for k, v in f.items() if k.startswith("p.")}
+        abnormal, msg = False, ""
+        if f.get("state") == "pending":
+            abnormal, msg = True, "creation did not finish; a retried CreateVolume will redo it"
+        elif len(lv.attr) > 8 and lv.attr[8] in "pX":
+            abnormal, msg = True, f"LVM reports the volume unhealthy (lv_attr {lv.attr})"
+        return Volume(local_id=lv.name, capacity_bytes=lv.size, name=f.get("name", ""),
+                      context={"volumeGroup": self.lvm.vg, "logicalVolume": lv.name}, parameters=params, source=src,
+                      topology=self._topology(), abnormal=abnormal, condition_message=msg)
+
+    def _snapshot(self, lv: LvInfo) -> Snapshot:
+        f = lv.fields(NS)
+        try:
+            ctime = float(f.get("ctime", "0"))
+        except ValueError:
+            ctime = 0.0
+        return Snapshot(local_id=lv.name, source_volume_local_id=f.get("of", lv.origin), size_bytes=lv.size,
+                        creation_time=ctime, ready_to_use=f.get("state") != "pending", name=f.get("name", ""))
+
+    def _find(self, local_id: str, kind: str, prefix: str) -> Optional[LvInfo]:
+        if not local_id.startswith(prefix):
+            return None
+        try:
+            validate_name(local_id)
+        except InvalidArgument:
+            return None
+        lv = self.lvm.find(local_id)
+        if lv is None or not self._mine(lv) or lv.fields(NS).get("kind") != kind:
+            return None
+        return lv
+
+    def _check_topology(self, spec: CreateVolumeSpec) -> None:
+        """Requisite (or, with no requisite, preferred) segments must allow this node; else RESOURCE_EXHAUSTED."""
+        key, node = self.runtime.topology_key, self.runtime.node_name
+        allowed = spec.requisite or spec.preferred
+        if not allowed:
+            return
+        if not any(set(seg) <= {key} and seg.get(key, node) == node for seg in allowed):
+            raise CapacityExceeded(f"Unable to provision in accessible_topology: backend {self.name!r} makes "
+                                   f"node-local volumes on node {node!r} only, which the request does not allow")
+
+    def _thin_room(self) -> int:
+        pool = self.lvm.pool_info()
+        used = sum(lv.size for lv in self.lvm.list() if lv.pool == self.options.thinPool)
+        return max(0, int(pool.size * self.options.overcommitRatio) - used)
+
+    def _ensure_room(self, size: int) -> None:
+        if self.thin:
+            room = self._thin_room()
+            if size > room:
+                raise CapacityExceeded(f"thin pool {self.lvm.vg}/{self.options.thinPool} has room for {room} more "
+                                       f"bytes (overcommitRatio {self.options.overcommitRatio}); {size} requested")
+        else:
+            free = self.lvm.vg_info().free
+            if size > free:
+                raise CapacityExceeded(f"volume group {self.lvm.vg} has {free} bytes free; {size} requested")
+
+    def _fix_tags(self, name: str, wanted: list[str]) -> None:
+        """Make the LV's tessera tags exactly `wanted` + pending (snapshots may inherit their origin's tags)."""
+        lv = self.lvm.find(name)
+        if lv is None:
+            raise NotFound(f"logical volume {self.lvm.vg}/{name} vanished")
+        ours = [t for t in lv.tags if t.startswith(NS + ".")]
+        self.lvm.del_tags(name, [t for t in ours if t not in wanted and t != PENDING_TAG])
+        self.lvm.add_tags(name, [t for t in wanted if t not in lv.tags])
+
+    # ---- volumes -----------------------------------------------------------------------------------------
+    def create_volume(self, spec: CreateVolumeSpec) -> Volume:
+        self._check_topology(spec)
+        local_id = VOLUME_PREFIX + object_uuid(self.runtime.driver_name, spec.name)
+        existing = self.lvm.find(local_id)
+        if existing is not None:
+            if existing.fields(NS).get("state") != "pending":
+                return self._volume(existing)
+            self.lvm.remove(local_id)  # an earlier attempt crashed half-way: start over
+        fields = {"kind": "volume", "name": spec.name}
+        fields.update({f"p.{k}": v for k, v in spec.parameters.items()})
+        if spec.source is not None:
+            fields["source"] = f"{spec.source.kind}:{spec.source.local_id}"
+        tags = fields_to_tags(NS, fields)
+        size = spec.size_bytes
+        if spec.source is None:
+            self._ensure_room(size)
+            return self._volume(self.lvm.create(local_id, size, tags, thin=self.thin))
+        if spec.source.kind == "snapshot":
+            src = self._find(spec.source.local_id, "snapshot", SNAPSHOT_PREFIX)
+        else:
+            src = self._find(spec.source.local_id, "volume", VOLUME_PREFIX)
+        if src is None:
+            raise NotFound(f"source {spec.source.kind} {self.name}:{spec.source.local_id} does not exist")
+        if size < src.size:
+            raise OutOfRange(f"requested {size} bytes is smaller than the source {spec.source.kind} "
+                             f"({src.size} bytes)")
+        if spec.limit_bytes and src.size > spec.limit_bytes:
+            raise OutOfRange(f"the source {spec.source.kind} ({src.size} bytes) exceeds limit_bytes {spec.limit_bytes}")
+        self._ensure_room(size)
+        if self.thin:
+            self.lvm.snapshot(src.name, local_id, tags + [PENDING_TAG], activation_skip=False)
+            self._fix_tags(local_id, tags)
+            self.lvm.resize(local_id, size)
+        else:
+            if spec.source.kind == "snapshot":
+                raise Unsupported(f"backend {self.name!r} uses thick LVs, which have no snapshots; configure a "
+                                  "thinPool for snapshots")
+            self._thick_copy(src, local_id, size, tags)
+        self.lvm.del_tags(local_id, [PENDING_TAG])
+        lv = self.lvm.find(local_id)
+        assert lv is not None
+        return self._volume(lv)
+
+    def _thick_copy(self, src: LvInfo, dest: str, size: int, tags: list[str]) -> None:
+        """Full copy of a thick LV, read from a transient COW snapshot so the copy is one point in time even when
+        the source is mounted and written meanwhile."""
+        self.lvm.create(dest, size, tags + [PENDING_TAG], thin=False)
+        temp = TEMP_PREFIX + object_uuid(self.runtime.driver_name, "copy/" + dest)
+        if self.lvm.find(temp) is not None:
+            self.lvm.remove(temp)
+        extent = self.allocation_unit()
+        cow = self.lvm.round_up(min(src.size, max(64 << 20, src.size // 5)), extent)
+        self.lvm.activate(src.name)
+        self.lvm.snapshot(src.name, temp, fields_to_tags(NS, {"kind": "temp"}), activation_skip=False, cow_size=cow)
+        try:
+            self.lvm.copy(temp, dest, src.size)
+        finally:
+            self.lvm.remove(temp)
+
+    def delete_volume(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        lv = self._find(local_id, "volume", VOLUME_PREFIX)
+        if lv is not None:
+            self.lvm.remove(local_id)
+
+    def get_volume(self, local_id: str, secrets: Mapping[str, str]) -> Volume:
+        lv = self._find(local_id, "volume", VOLUME_PREFIX)
+        if lv is None:
+            raise NotFound(f"volume {self.name}:{local_id} does not exist")
+        return self._volume(lv)
+
+    def list_volumes(self, secrets: Mapping[str, str]) -> Iterable[Volume]:
+        return [self._volume(lv) for lv in sorted(self.lvm.list(), key=lambda x: x.name)
+                if lv.name.startswith(VOLUME_PREFIX) and self._mine(lv) and lv.fields(NS).get("kind") == "volume"]
+
+    def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
+        if segments and segments.get(self.runtime.topology_key, self.runtime.node_name) != self.runtime.node_name:
+            return Capacity(0)
+        avail = self._thin_room() if self.thin else self.lvm.vg_info().free
+        return Capacity(available_bytes=avail, maximum_volume_size=avail, minimum_volume_size=self.allocation_unit())
+
+    def expand_volume(self, local_id: str, size_bytes: int, secrets: Mapping[str, str]) -> tuple[int, bool]:
+        lv = self._find(local_id, "volume", VOLUME_PREFIX)
+        if lv is None:
+            raise NotFound(f"volume {self.name}:{local_id} does not exist")
+        if lv.size >= size_bytes:
+            return lv.size, False
+        self._ensure_room(size_bytes - lv.size)
+        return self.lvm.resize(local_id, size_bytes).size, True
+
+    # ---- snapshots --------------------------------------------------------------------------------------
+    def create_snapshot(self, source_local_id: str, name: str, parameters: Mapping[str, str],
+                        secrets: Mapping[str, str]) -> Snapshot:
+        if parameters:
+            raise InvalidArgument(f"the lvm backend takes no snapshot parameters; got {', '.join(sorted(parameters))}")
+        if not self.thin:
+            raise Unsupported(f"backend {self.name!r} uses thick LVs, which cannot keep snapshots; configure a "
+                              "thinPool for snapshots")
+        local_id = SNAPSHOT_PREFIX + object_uuid(self.runtime.driver_name, "snapshot/" + name)
+        existing = self.lvm.find(local_id)
+        if existing is not None:
+            if existing.fields(NS).get("state") != "pending":
+                return self._snapshot(existing)
+            self.lvm.remove(local_id)
+        src = self._find(source_local_id, "volume", VOLUME_PREFIX)
+        if src is None:
+            raise NotFound(f"source volume {self.name}:{source_local_id} does not exist")
+        self._ensure_room(src.size)
+        tags = fields_to_tags(NS, {"kind": "snapshot", "name": name, "of": source_local_id,
+                                   "ctime": f"{time.time():.3f}"})
+        self.lvm.snapshot(source_local_id, local_id, tags + [PENDING_TAG], activation_skip=True)
+        self._fix_tags(local_id, tags)
+        self.lvm.del_tags(local_id, [PENDING_TAG])
+        lv = self.lvm.find(local_id)
+        assert lv is not None
+        return self._snapshot(lv)
+
+    def delete_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        if self._find(local_id, "snapshot", SNAPSHOT_PREFIX) is not None:
+            self.lvm.remove(local_id)
+
+    def get_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> Snapshot:
+        lv = self._find(local_id, "snapshot", SNAPSHOT_PREFIX)
+        if lv is None:
+            raise NotFound(f"snapshot {self.name}:{local_id} does not exist")
+        return self._snapshot(lv)
+
+    def list_snapshots(self, secrets: Mapping[str, str]) -> Iterable[Snapshot]:
+        if not self.thin:
+            return []
+        return [self._snapshot(lv) for lv in sorted(self.lvm.list(), key=lambda x: x.name)
+                if lv.name.startswith(SNAPSHOT_PREFIX) and self._mine(lv) and lv.fields(NS).get("kind") == "snapshot"]
+
+    # ---- node -------------------------------------------------------------------------------------------
+    def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],
+                    secrets: Mapping[str, str]) -> Attachment:
+        vg = context.get("volumeGroup", self.lvm.vg)
+        if vg != self.lvm.vg:
+            raise FailedPrecondition(f"volume {self.name}:{local_id} is in volume group {vg!r}, but this node's "
+                                     f"backend {self.name!r} uses {self.lvm.vg!r}")
+        lv = self._find(local_id, "volume", VOLUME_PREFIX)
+        if lv is None:
+            raise NotFound(f"volume {self.name}:{local_id} does not exist on node {self.runtime.node_name!r}")
+        if not lv.active:
+            self.lvm.activate(local_id)
+        path = self.lvm.device_path(local_id)
+        if not os.path.exists(path):
+            path = self.lvm.wait_for_device(local_id)
+        return Attachment(device=path, data={"volumeGroup": self.lvm.vg, "logicalVolume": local_id})
+
+    def node_detach(self, local_id: str, attachment: Attachment) -> None:
+        lv = self._find(local_id, "volume", VOLUME_PREFIX)
+        if lv is not None and lv.active and not lv.open:
+            self.lvm.deactivate(local_id)
+
+    def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
+        """Nothing to do: lvextend resizes the device-mapper table in this same kernel."""
+
+
+BACKEND = LvmBackend
