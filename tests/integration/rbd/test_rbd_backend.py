@@ -1,0 +1,252 @@
+"""The RBD backend against a real Ceph cluster (one mon, one memstore OSD; see tests/ceph/cluster.py).
+
+Every check looks at the cluster itself (admin librbd handle) or at data read back, not at the backend's own
+bookkeeping alone.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pytest
+import rbd
+
+from backends.base import CapabilitySpec, ContentSource, CreateVolumeSpec
+from backends.errors import AlreadyExists, BackendUnavailable, DeadlineExceeded, PermissionDenied
+from backends.rbd import RbdBackend
+from csi.config import parse_config
+from csi.controllerops import ControllerOps
+from csi.registry import Backends
+from tests.ceph.cluster import _gen_key
+
+from tests.ceph.rbdutil import make_backend
+
+pytestmark = pytest.mark.ceph
+MIB = 1 << 20
+CAPS = [CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4")]
+
+
+def uniq(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def spec(name: str, size: int = 64 * MIB, source: ContentSource | None = None, params=None, secrets=None):
+    return CreateVolumeSpec(name=name, size_bytes=size, limit_bytes=0, parameters=params or {},
+                            secrets=secrets or {}, capabilities=CAPS, source=source)
+
+
+def image_name(local_id: str) -> str:
+    return local_id.rpartition(".")[2]
+
+
+def write(io, local_id: str, offset: int, data: bytes) -> None:
+    with rbd.Image(io, image_name(local_id)) as img:
+        img.write(data, offset)
+        img.flush()
+
+
+def read(io, local_id: str, offset: int, length: int) -> bytes:
+    with rbd.Image(io, image_name(local_id), read_only=True) as img:
+        return img.read(offset, length)
+
+
+def test_create_is_idempotent_and_stores_name_and_parameters(backend: RbdBackend, admin_io):
+    name = uniq("pvc")
+    v1 = backend.create_volume(spec(name, params={"imageFeatures": "layering,exclusive-lock"}))
+    v2 = backend.create_volume(spec(name, params={"imageFeatures": "layering,exclusive-lock"}))
+    assert v1.local_id == v2.local_id and v1.capacity_bytes == 64 * MIB
+    images = [n for n in rbd.RBD().list(admin_io) if n == image_name(v1.local_id)]
+    assert len(images) == 1
+    with rbd.Image(admin_io, images[0], read_only=True) as img:
+        assert img.metadata_get("tessera.name") == name
+        assert img.features() & rbd.RBD_FEATURE_OBJECT_MAP == 0
+        assert img.features() & rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+    assert v1.context["pool"] == backend.options.pool and v1.context["image"] == images[0]
+    assert not any("key" in k.lower() for k in v1.context)
+    assert backend.get_volume(v1.local_id, {}).name == name
+    backend.delete_volume(v1.local_id, {})
+    backend.delete_volume(v1.local_id, {})  # idempotent
+    assert image_name(v1.local_id) not in rbd.RBD().list(admin_io)
+
+
+def test_unfinished_create_is_redone_not_duplicated(backend: RbdBackend, admin_io):
+    """A crash between creating the image and writing its metadata leaves an image without `tessera.name`:
+    invisible to listings, and replaced by the retry."""
+    name = uniq("pvc")
+    v = backend.create_volume(spec(name))
+    with rbd.Image(admin_io, image_name(v.local_id)) as img:
+        img.metadata_remove("tessera.name")
+    assert v.local_id not in {x.local_id for x in backend.list_volumes({})}
+    again = backend.create_volume(spec(name))
+    assert again.local_id == v.local_id and again.name == name
+    backend.delete_volume(v.local_id, {})
+
+
+def test_same_name_different_size_is_already_exists(ceph_cluster, state_dir):
+    cfg = parse_config({"stateDir": state_dir, "backends": {"ceph": {
+        "type": "rbd", "monitors": [ceph_cluster.monitors], "user": ceph_cluster.csi_user,
+        "keyringPath": ceph_cluster.csi_keyring, "pool": ceph_cluster.pool}}})
+    backends = Backends(cfg, "node-1")
+    ops = ControllerOps(backends)
+    name = uniq("pvc")
+    vid, vol = ops.create_volume(name, 64 * MIB, 0, CAPS, {}, {})
+    vid2, _ = ops.create_volume(name, 64 * MIB, 0, CAPS, {}, {})
+    assert vid2 == vid
+    with pytest.raises(AlreadyExists):
+        ops.create_volume(name, 128 * MIB, 0, CAPS, {}, {})
+    ops.delete_volume(vid, {})
+    backends.close()
+
+
+def test_snapshot_survives_deleting_its_source_and_restores(backend: RbdBackend, admin_io):
+    vol = backend.create_volume(spec(uniq("pvc")))
+    pattern = os.urandom(MIB)
+    write(admin_io, vol.local_id, 5 * MIB, pattern)
+    snap = backend.create_snapshot(vol.local_id, uniq("snap"), {}, {})
+    assert snap.source_volume_local_id == vol.local_id and snap.ready_to_use
+    write(admin_io, vol.local_id, 5 * MIB, b"\0" * MIB)  # changes after the snapshot must not show in it
+    backend.delete_volume(vol.local_id, {})
+    assert image_name(vol.local_id) not in rbd.RBD().list(admin_io)
+    assert backend.get_snapshot(snap.local_id, {}).name == snap.name
+    restored = backend.create_volume(spec(uniq("pvc"), source=ContentSource("snapshot", snap.local_id)))
+    assert read(admin_io, restored.local_id, 5 * MIB, MIB) == pattern
+    # deleting the snapshot keeps the restored volume's data
+    backend.delete_snapshot(snap.local_id, {})
+    assert image_name(snap.local_id) not in rbd.RBD().list(admin_io)
+    assert read(admin_io, restored.local_id, 5 * MIB, MIB) == pattern
+    backend.delete_volume(restored.local_id, {})
+
+
+def test_clone_chain_is_flattened_past_the_depth_limit(backend: RbdBackend, admin_io):
+    limit = backend.options.cloneDepthLimit
+    first = backend.create_volume(spec(uniq("pvc")))
+    pattern = os.urandom(64 * 1024)
+    write(admin_io, first.local_id, 0, pattern)
+    chain = [first]
+    for _ in range(limit + 3):
+        chain.append(backend.create_volume(spec(uniq("pvc"), source=ContentSource("volume", chain[-1].local_id))))
+    conn = backend._conn({})
+    for v in chain:
+        with rbd.Image(admin_io, image_name(v.local_id), read_only=True) as img:
+            assert backend._depth(conn, img) <= limit
+        assert read(admin_io, v.local_id, 0, len(pattern)) == pattern
+    flattened = 0
+    for v in chain[1:]:
+        with rbd.Image(admin_io, image_name(v.local_id), read_only=True) as img:
+            try:
+                img.get_parent_image_spec()
+            except rbd.ImageNotFound:
+                flattened += 1
+    assert flattened >= 1
+    for v in reversed(chain):
+        backend.delete_volume(v.local_id, {})
+
+
+def test_expand(backend: RbdBackend, admin_io):
+    vol = backend.create_volume(spec(uniq("pvc")))
+    size, node_needed = backend.expand_volume(vol.local_id, 256 * MIB, {})
+    assert size == 256 * MIB and node_needed
+    with rbd.Image(admin_io, image_name(vol.local_id), read_only=True) as img:
+        assert img.size() == 256 * MIB
+    assert backend.expand_volume(vol.local_id, 128 * MIB, {})[0] == 256 * MIB  # never shrinks
+    backend.delete_volume(vol.local_id, {})
+
+
+def test_listing_with_paging(ceph_cluster, state_dir):
+    cfg = parse_config({"stateDir": state_dir, "backends": {"ceph": {
+        "type": "rbd", "monitors": [ceph_cluster.monitors], "user": ceph_cluster.csi_user,
+        "keyringPath": ceph_cluster.csi_keyring, "pool": ceph_cluster.pool}}})
+    backends = Backends(cfg, "node-1")
+    ops = ControllerOps(backends)
+    ids = {ops.create_volume(uniq("list"), 8 * MIB, 0, CAPS, {}, {})[0] for _ in range(5)}
+    seen, token, pages = [], "", 0
+    while True:
+        page = ops.list_volumes(2, token)
+        pages += 1
+        seen.extend(e[0] for e in page.entries)
+        token = page.next_token
+        if not token:
+            break
+    assert ids <= set(seen) and len(seen) == len(set(seen)) and pages >= 3
+    for i in ids:
+        ops.delete_volume(i, {})
+    backends.close()
+
+
+def test_capacity_goes_down_after_writing(ceph_mgr, state_dir):
+    b = make_backend(ceph_mgr, state_dir)
+    before = b.get_capacity({}, None).available_bytes
+    assert before > 0
+    vol = b.create_volume(spec(uniq("cap"), size=512 * MIB))
+    r = ceph_mgr.cluster.rados()
+    io = r.open_ioctx(ceph_mgr.pool)
+    try:
+        chunk = os.urandom(4 * MIB)
+        with rbd.Image(io, image_name(vol.local_id)) as img:
+            for i in range(64):
+                img.write(chunk, i * 4 * MIB)
+            img.flush()
+        deadline = time.monotonic() + 40
+        after = before
+        while time.monotonic() < deadline:
+            after = b.get_capacity({}, None).available_bytes
+            if after <= before - 200 * MIB:
+                break
+            time.sleep(1)
+        assert after <= before - 200 * MIB, f"available went from {before} to {after} after writing 256 MiB"
+    finally:
+        io.close()
+        r.shutdown()
+        b.delete_volume(vol.local_id, {})
+        b.close()
+
+
+def test_wrong_key_is_permission_denied_with_a_clear_message(ceph_cluster, state_dir):
+    b = make_backend(ceph_cluster, state_dir, keyringPath=None, key=_gen_key())
+    with pytest.raises((PermissionDenied, BackendUnavailable)) as e:
+        b.create_volume(spec(uniq("pvc")))
+    msg = str(e.value)
+    assert "client.csi" in msg and ("refused" in msg or "denied" in msg)
+    assert b.options.key not in msg
+    b.close()
+
+
+def test_secrets_override_the_configured_user(ceph_cluster, state_dir, admin_io):
+    b = make_backend(ceph_cluster, state_dir, keyringPath=None, key=_gen_key())  # configured key is wrong
+    good = {"userID": ceph_cluster.csi_user, "userKey": ceph_cluster.csi_key}
+    vol = b.create_volume(spec(uniq("pvc"), secrets=good))
+    assert image_name(vol.local_id) in rbd.RBD().list(admin_io)
+    bad = {"userID": ceph_cluster.csi_user, "userKey": _gen_key()}
+    with pytest.raises(PermissionDenied) as e:
+        b.get_volume(vol.local_id, bad)
+    assert bad["userKey"] not in str(e.value)
+    b.delete_volume(vol.local_id, good)
+    b.close()
+
+
+def test_stopped_cluster_gives_a_bounded_error_and_recovers(fresh_ceph_cluster, state_dir):
+    b = make_backend(fresh_ceph_cluster, state_dir, connectTimeout=3, opTimeout=3)
+    vol = b.create_volume(spec(uniq("pvc")))
+    fresh_ceph_cluster.cluster.stop()
+    t0 = time.monotonic()
+    with pytest.raises((DeadlineExceeded, BackendUnavailable)):
+        b.create_volume(spec(uniq("pvc")))
+    assert time.monotonic() - t0 < 15
+    t0 = time.monotonic()
+    with pytest.raises((DeadlineExceeded, BackendUnavailable)):
+        b.get_volume(vol.local_id, {})
+    assert time.monotonic() - t0 < 15
+    fresh_ceph_cluster.cluster.start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert b.get_volume(vol.local_id, {}).local_id == vol.local_id  # data survived the restart
+            other = b.create_volume(spec(uniq("pvc")))
+            break
+        except (DeadlineExceeded, BackendUnavailable):
+            if time.monotonic() > deadline:
+                raise
+    b.delete_volume(other.local_id, {})
+    b.delete_volume(vol.local_id, {})
+    b.close()
