@@ -3,7 +3,7 @@ included, with the `fuse` mounter (rbd-fuse + a loop device) because the host ke
 
     pytest tests/sanity --sanity-profile rbd
 
-Needs the `ceph_cluster` fixture (tests/ceph/fixtures.py registered as a pytest plugin).
+Needs the `ceph_mgr` fixture (tests/ceph/fixtures.py registered as a pytest plugin).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.sanity.profiles import Profile, ProfileSetup, register
 
 
 def _setup(request, workdir: str) -> ProfileSetup:
-    ceph = request.getfixturevalue("ceph_cluster")
+    ceph = request.getfixturevalue("ceph_mgr")  # GetCapacity needs pool statistics, which come from a mgr
     path = os.path.join(workdir, "config.yaml")
     config = {
         "backends": {
