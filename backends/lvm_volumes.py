@@ -310,7 +310,13 @@ class LvmVolumes:
         return self._must(name)
 
     def activate(self, name: str) -> str:
-        """Activate (ignoring the activation-skip flag thin snapshots carry) and return the device path."""
+        """Activate (ignoring the activation-skip flag thin snapshots carry) and return the device path. An active LV
+        is left alone (lvchange refuses some, e.g. COW snapshots, which follow their origin)."""
+        lv = self.find(name)
+        if lv is None:
+            raise NotFound(f"logical volume {self.vg}/{name} does not exist")
+        if lv.active:
+            return self.device_path(name)
         self._run(["lvchange", "--activate", "y", "--ignoreactivationskip", self.lv_ref(name)],
                   f"activate {self.vg}/{name}")
         return self.device_path(name)

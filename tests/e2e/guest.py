@@ -152,9 +152,11 @@ def _uml_argv(shared: str, workdir: str, disks: Sequence[str], mem_mb: int, fxsr
 def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind: Optional[str] = None,
                  timeout: float = 1200.0, boot_timeout: float = 180.0, env: Optional[dict[str, str]] = None,
                  cwd: Optional[str] = None, disks_mib: Sequence[int] = (), mem_mb: int = 1536,
-                 modules: Sequence[str] = GUEST_MODULES, stream: Optional[TextIO] = None) -> GuestResult:
+                 modules: Sequence[str] = GUEST_MODULES, scratch_mib: int = 0,
+                 stream: Optional[TextIO] = None) -> GuestResult:
     """Boot a guest, run `argv` in it (cwd defaults to the current directory, which the guest sees too), stream the
-    console to `stream`, and return what happened. Never raises for guest failures: they are in the result."""
+    console to `stream`, and return what happened. Never raises for guest failures: they are in the result.
+    `scratch_mib` adds a first extra disk that the guest formats and mounts at /scratch ($TESSERA_SCRATCH)."""
     kind = choose_kind(kind)
     stream = stream or sys.stdout
     own_shared = shared_dir is None
@@ -167,12 +169,14 @@ def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind:
             pass
     workdir = tempfile.mkdtemp(prefix="tg-", dir="/tmp")  # short path: UML's mconsole socket lives here
     disks = []
+    if scratch_mib:
+        disks_mib = [scratch_mib] + list(disks_mib)
     for i, size in enumerate(disks_mib):
         path = os.path.join(workdir, f"disk{i}.img")
         _make_disk(path, size)
         disks.append(path)
     spec = {"argv": list(argv), "env": dict(env or {}), "cwd": cwd or os.getcwd(), "timeout": timeout,
-            "modules": list(modules), "kind": kind}
+            "modules": list(modules), "kind": kind, "scratch": bool(scratch_mib)}
     with open(os.path.join(shared, "spec.json"), "w") as f:
         json.dump(spec, f)
 
@@ -261,6 +265,7 @@ def main(args: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds the command may run in the guest")
     p.add_argument("--shared", default=None, help="host dir mounted read-write in the guest (default: a temp dir)")
     p.add_argument("--disk", type=int, action="append", default=[], help="extra sparse disk of this many MiB")
+    p.add_argument("--scratch", type=int, default=0, help="MiB of scratch disk mounted at /scratch in the guest")
     p.add_argument("--mem", type=int, default=1536, help="guest RAM in MiB")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the command")
     p.add_argument("argv", nargs="+")
@@ -268,7 +273,7 @@ def main(args: Optional[Sequence[str]] = None) -> int:
     env = dict(e.split("=", 1) for e in ns.env)
     try:
         res = run_in_guest(ns.argv, shared_dir=ns.shared, kind=ns.kind, timeout=ns.timeout, disks_mib=ns.disk,
-                           mem_mb=ns.mem, env=env)
+                           mem_mb=ns.mem, env=env, scratch_mib=ns.scratch)
     except GuestError as e:
         print(f"tessera-guest: {e}", file=sys.stderr)
         return 2

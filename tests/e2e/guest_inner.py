@@ -5,7 +5,7 @@ then runs the one command from spec.json with its output on the console (which t
 `status.json` to the shared directory, and powers the guest off. It must never raise: a PID 1 that exits panics the
 kernel, and the host would only see "guest died". Only the standard library and /usr/bin/python3 are used here.
 
-spec.json: {"argv": [...], "env": {...}, "cwd": "...", "timeout": seconds, "modules": [...]}
+spec.json: {"argv": [...], "env": {...}, "cwd": "...", "timeout": seconds, "modules": [...], "scratch": bool}
 status.json: {"rc": int, "timed_out": bool, "error": str, "modules_loaded": [...], "modules_missing": [...],
               "boot_seconds": float, "setup_seconds": float, "command_seconds": float, "kernel": str}
 """
@@ -73,7 +73,25 @@ def setup(spec: dict, env: dict[str, str], status: dict) -> list[subprocess.Pope
             f.write("InitiatorName=iqn.2026-01.dev.tessera:guest\n")
         daemons.append(subprocess.Popen(["/usr/sbin/iscsid", "-f"], stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+    if spec.get("scratch"):
+        prepare_scratch(env)
     return daemons
+
+
+def prepare_scratch(env: dict[str, str]) -> None:
+    """The first extra disk becomes an ext4 at /scratch ($TESSERA_SCRATCH): room for loop files and test data
+    that would otherwise sit in guest RAM."""
+    for dev in ("/dev/ubdb", "/dev/vdb"):
+        if os.path.exists(dev):
+            os.makedirs("/scratch", exist_ok=True)
+            if quiet(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1", dev], 120) == 0 \
+                    and quiet(["mount", "-o", "noatime", dev, "/scratch"]) == 0:
+                env["TESSERA_SCRATCH"] = "/scratch"
+                log(f"scratch: {dev} at /scratch")
+                return
+            log(f"scratch: could not prepare {dev}")
+            return
+    log("scratch: no extra disk attached")
 
 
 def run_command(spec: dict, env: dict[str, str], status: dict) -> None:
