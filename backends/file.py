@@ -103,7 +103,7 @@ class FileBackend(Backend):
         img, meta = self._vol_paths(local_id)
         st = os.statvfs(self.vol_dir)
         if spec.size_bytes > st.f_blocks * st.f_frsize:
-            raise CapacityExceeded(f"{spec.size_bytes} bytes is more than the whole filesystem of {self.vol_dir} "
+            raise OutOfRange(f"{spec.size_bytes} bytes is more than the whole filesystem of {self.vol_dir} "
                                    f"({st.f_blocks * st.f_frsize} bytes)")
         tmp = img + ".tmp"
         if spec.source is None:

@@ -41,6 +41,7 @@ class StageRecord:
     fs_type: str = ""
     mount_flags: list[str] = field(default_factory=list)
     attachment: dict = field(default_factory=dict)
+    targets: dict = field(default_factory=dict)  # target_path -> {"mode": access mode, "readonly": bool}
 
 
 @dataclass
@@ -172,9 +173,11 @@ class NodeOps:
             raise FailedPrecondition("staging_target_path is required: this plugin stages volumes "
                                      "(STAGE_UNSTAGE_VOLUME); call NodeStageVolume first")
         staging_path = check_path(staging_path, "staging_target_path", self.allowed_prefixes)
-        self._backend(volume_id)
+        backend, local = self._backend(volume_id)
         with self.locks.hold("volume/" + volume_id):
             rec = self.record(volume_id)
+            if rec is None:
+                self._check_exists(backend, local, volume_id)
             if rec is None or rec.staging_path != staging_path:
                 raise FailedPrecondition(f"volume {volume_id} is not staged at {staging_path}; call NodeStageVolume first")
             if rec.access_type != capability.access_type:
@@ -197,9 +200,28 @@ class NodeOps:
                     return
                 raise AlreadyExists(f"target_path {target_path} is already published "
                                     f"{'with another volume' if not same else 'with a different read-only setting'}")
+            others = {t: v for t, v in rec.targets.items() if t != target_path and mounts.is_mountpoint(t)}
+            single = "SINGLE_NODE_SINGLE_WRITER"
+            if others and (capability.access_mode == single or any(v.get("mode") == single for v in others.values())):
+                raise FailedPrecondition(f"volume {volume_id} is already published at {', '.join(sorted(others))} "
+                                         f"with access mode {single}, which allows one target only")
             self._prepare_target(target_path, capability.access_type == "block")
             opts = (["ro"] if ro else []) + (list(capability.mount_flags) if capability.access_type == "mount" else [])
             mounts.mount(source, target_path, None, opts, bind=True)
+            rec.targets = {**others, target_path: {"mode": capability.access_mode, "readonly": ro}}
+            self._save(rec)
+
+    @staticmethod
+    def _check_exists(backend: Backend, local: str, volume_id: str) -> None:
+        """NOT_FOUND for a volume that does not exist at all (rather than 'not staged'), when the backend can tell
+        from this node; any other answer (no credentials here, storage unreachable) leaves the decision to the
+        caller's staging check."""
+        try:
+            backend.get_volume(local, {})
+        except NotFound:
+            raise NotFound(f"volume {volume_id} does not exist") from None
+        except Exception:  # noqa: BLE001 - only a definite NotFound changes the answer
+            pass
 
     @staticmethod
     def _prepare_target(target: str, block: bool) -> None:
@@ -227,6 +249,10 @@ class NodeOps:
         target_path = check_path(target_path, "target_path", self.allowed_prefixes)
         with self.locks.hold("volume/" + volume_id):
             mounts.unmount_all(target_path)
+            rec = self.record(volume_id)
+            if rec is not None and target_path in rec.targets:
+                rec.targets.pop(target_path)
+                self._save(rec)
             try:
                 if os.path.isdir(target_path) and not os.path.islink(target_path):
                     os.rmdir(target_path)
