@@ -254,3 +254,20 @@ def ledger(plugin: Plugin):
         pytest.fail(f"the plugin process died during this test:\n{plugin.server.log_tail()}")
     if problems:
         pytest.fail("cleanup failed: " + "; ".join(problems))
+
+
+# IDs that name nothing: one in Tessera's own form, one as csi-sanity generates them, one of an unknown backend.
+UNKNOWN_VOLUME_IDS = ["local:vol-00000000-0000-0000-0000-000000000000", "fake-volume-id-3f1c2a9b7d",
+                      "no-such-backend:vol-1"]
+UNKNOWN_SNAPSHOT_IDS = ["local:snap-00000000-0000-0000-0000-000000000000", "fake-snapshot-id-3f1c2a9b7d",
+                        "no-such-backend:snap-1"]
+
+
+@pytest.fixture(params=UNKNOWN_VOLUME_IDS, ids=["own-form", "sanity-form", "other-backend"])
+def unknown_vol(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=UNKNOWN_SNAPSHOT_IDS, ids=["own-form", "sanity-form", "other-backend"])
+def unknown_snap(request) -> str:
+    return request.param

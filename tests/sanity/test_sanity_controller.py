@@ -152,16 +152,16 @@ class TestCreateVolume:
         vol = ledger.create_volume(plugin.create_request(cap=block_cap()))
         assert vol.volume_id
 
-    def test_unknown_source_snapshot(self, plugin):
+    def test_unknown_source_snapshot(self, plugin, unknown_snap):
         plugin.require("CREATE_DELETE_SNAPSHOT")
         req = plugin.create_request()
-        req.volume_content_source.snapshot.snapshot_id = "does-not-exist:snap-0"
+        req.volume_content_source.snapshot.snapshot_id = unknown_snap
         expect_code(ctl(plugin).CreateVolume, req, C.NOT_FOUND)
 
-    def test_unknown_source_volume(self, plugin):
+    def test_unknown_source_volume(self, plugin, unknown_vol):
         plugin.require("CLONE_VOLUME")
         req = plugin.create_request()
-        req.volume_content_source.volume.volume_id = "does-not-exist:vol-0"
+        req.volume_content_source.volume.volume_id = unknown_vol
         expect_code(ctl(plugin).CreateVolume, req, C.NOT_FOUND)
 
     def test_topology_reported(self, plugin, ledger):
@@ -192,11 +192,14 @@ class TestDeleteVolume:
     def test_missing_id(self, plugin):
         expect_code(ctl(plugin).DeleteVolume, pb.DeleteVolumeRequest(), C.INVALID_ARGUMENT)
 
-    def test_unknown_id_is_success(self, plugin):
-        ctl(plugin).DeleteVolume(pb.DeleteVolumeRequest(volume_id="local:vol-00000000-0000-0000-0000-000000000000"),
-                                 timeout=60)
-        ctl(plugin).DeleteVolume(pb.DeleteVolumeRequest(volume_id="no-such-backend:whatever"), timeout=60)
+    def test_unknown_id_is_success(self, plugin, unknown_vol):
+        ctl(plugin).DeleteVolume(pb.DeleteVolumeRequest(volume_id=unknown_vol), timeout=60)
         ctl(plugin).DeleteVolume(pb.DeleteVolumeRequest(volume_id="garbage id with spaces"), timeout=60)
+
+    def test_bad_token_numeric(self, plugin):
+        """csi-sanity sends a decimal token larger than the number of volumes: ABORTED."""
+        plugin.require("LIST_VOLUMES")
+        expect_code(ctl(plugin).ListVolumes, pb.ListVolumesRequest(starting_token="1000005"), C.ABORTED)
 
     def test_idempotent(self, plugin, ledger):
         vol = ledger.create_volume(plugin.create_request())
@@ -225,9 +228,9 @@ class TestValidateVolumeCapabilities:
         expect_code(ctl(plugin).ValidateVolumeCapabilities,
                     pb.ValidateVolumeCapabilitiesRequest(volume_id=vol.volume_id), C.INVALID_ARGUMENT)
 
-    def test_unknown_volume(self, plugin):
+    def test_unknown_volume(self, plugin, unknown_vol):
         expect_code(ctl(plugin).ValidateVolumeCapabilities, pb.ValidateVolumeCapabilitiesRequest(
-            volume_id="local:vol-00000000-0000-0000-0000-000000000000", volume_capabilities=[mount_cap()]),
+            volume_id=unknown_vol, volume_capabilities=[mount_cap()]),
             C.NOT_FOUND)
 
     def test_confirmed(self, plugin, ledger):
@@ -335,9 +338,9 @@ class TestControllerGetVolume:
     def test_missing_id(self, plugin):
         expect_code(ctl(plugin).ControllerGetVolume, pb.ControllerGetVolumeRequest(), C.INVALID_ARGUMENT)
 
-    def test_unknown(self, plugin):
+    def test_unknown(self, plugin, unknown_vol):
         expect_code(ctl(plugin).ControllerGetVolume,
-                    pb.ControllerGetVolumeRequest(volume_id="local:vol-00000000-0000-0000-0000-000000000000"),
+                    pb.ControllerGetVolumeRequest(volume_id=unknown_vol),
                     C.NOT_FOUND)
 
     def test_get(self, plugin, ledger):
@@ -399,11 +402,11 @@ class TestControllerPublish:
         expect_code(ctl(plugin).ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(node_id=plugin.node_id),
                     C.INVALID_ARGUMENT)
 
-    def test_unknown_volume_and_node(self, plugin, ledger):
+    def test_unknown_volume_and_node(self, plugin, ledger, unknown_vol):
         plugin.require("PUBLISH_UNPUBLISH_VOLUME")
         publish = ctl(plugin).ControllerPublishVolume
         expect_code(publish, pb.ControllerPublishVolumeRequest(
-            volume_id="local:vol-00000000-0000-0000-0000-000000000000", node_id=plugin.node_id,
+            volume_id=unknown_vol, node_id=plugin.node_id,
             volume_capability=mount_cap()), C.NOT_FOUND)
         vol = ledger.create_volume(plugin.create_request())
         expect_code(publish, pb.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id="no-such-node-x",
@@ -434,9 +437,9 @@ class TestControllerExpand:
         expect_code(ctl(plugin).ControllerExpandVolume,
                     pb.ControllerExpandVolumeRequest(volume_id=vol.volume_id), C.INVALID_ARGUMENT)
 
-    def test_unknown_volume(self, plugin):
+    def test_unknown_volume(self, plugin, unknown_vol):
         expect_code(ctl(plugin).ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
-            volume_id="local:vol-00000000-0000-0000-0000-000000000000",
+            volume_id=unknown_vol,
             capacity_range=pb.CapacityRange(required_bytes=plugin.size)), C.NOT_FOUND)
 
     def test_expand_idempotent(self, plugin, ledger):

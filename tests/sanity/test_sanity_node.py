@@ -118,9 +118,9 @@ class TestStageErrors:
             volume_id=vol.volume_id, staging_target_path=plugin.staging_dir(), volume_context=vol.volume_context),
             C.INVALID_ARGUMENT)
 
-    def test_unknown_volume(self, plugin):
+    def test_unknown_volume(self, plugin, unknown_vol):
         expect_code(node(plugin).NodeStageVolume, pb.NodeStageVolumeRequest(
-            volume_id=UNKNOWN_VOL, staging_target_path=plugin.staging_dir(), volume_capability=mount_cap()),
+            volume_id=unknown_vol, staging_target_path=plugin.staging_dir(), volume_capability=mount_cap()),
             C.NOT_FOUND)
 
     def test_relative_staging_path(self, plugin, ledger):
@@ -190,9 +190,9 @@ class TestPublishErrors:
             volume_id=vol.volume_id, staging_target_path=plugin.staging_dir(), target_path=plugin.target_path(),
             volume_capability=mount_cap(), volume_context=vol.volume_context), C.FAILED_PRECONDITION)
 
-    def test_unknown_volume(self, plugin):
+    def test_unknown_volume(self, plugin, unknown_vol):
         expect_code(node(plugin).NodePublishVolume, pb.NodePublishVolumeRequest(
-            volume_id=UNKNOWN_VOL, staging_target_path=plugin.staging_dir(), target_path=plugin.target_path(),
+            volume_id=unknown_vol, staging_target_path=plugin.staging_dir(), target_path=plugin.target_path(),
             volume_capability=mount_cap()), C.NOT_FOUND)
 
     def test_unpublish_missing_fields(self, plugin):
@@ -430,9 +430,9 @@ class TestVolumeStats:
         expect_code(node(plugin).NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(volume_id=UNKNOWN_VOL),
                     C.INVALID_ARGUMENT)
 
-    def test_unknown_volume(self, plugin):
+    def test_unknown_volume(self, plugin, unknown_vol):
         expect_code(node(plugin).NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
-            volume_id=UNKNOWN_VOL, volume_path=plugin.staging_dir()), C.NOT_FOUND)
+            volume_id=unknown_vol, volume_path=plugin.staging_dir()), C.NOT_FOUND)
 
     def test_path_does_not_exist(self, plugin, ledger):
         vol, cap, staging, pctx = staged_volume(plugin, ledger)
@@ -488,9 +488,9 @@ class TestNodeExpand:
         expect_code(node(plugin).NodeExpandVolume, pb.NodeExpandVolumeRequest(volume_id=UNKNOWN_VOL),
                     C.INVALID_ARGUMENT)
 
-    def test_unknown_volume(self, plugin):
+    def test_unknown_volume(self, plugin, unknown_vol):
         expect_code(node(plugin).NodeExpandVolume, pb.NodeExpandVolumeRequest(
-            volume_id=UNKNOWN_VOL, volume_path=plugin.staging_dir()), C.NOT_FOUND)
+            volume_id=unknown_vol, volume_path=plugin.staging_dir()), C.NOT_FOUND)
 
     def test_path_not_the_volume(self, plugin, ledger):
         vol, cap, staging, pctx = staged_volume(plugin, ledger)

@@ -37,8 +37,8 @@ class TestCreateSnapshot:
         expect_code(ctl(plugin).CreateSnapshot, pb.CreateSnapshotRequest(name=plugin.unique("snap")),
                     C.INVALID_ARGUMENT)
 
-    def test_unknown_source(self, plugin):
-        expect_code(ctl(plugin).CreateSnapshot, snap_request(plugin, UNKNOWN_VOL), C.NOT_FOUND)
+    def test_unknown_source(self, plugin, unknown_vol):
+        expect_code(ctl(plugin).CreateSnapshot, snap_request(plugin, unknown_vol), C.NOT_FOUND)
 
     def test_create_idempotent(self, plugin, ledger):
         vol = ledger.create_volume(plugin.create_request())
@@ -71,8 +71,8 @@ class TestDeleteSnapshot:
     def test_missing_id(self, plugin):
         expect_code(ctl(plugin).DeleteSnapshot, pb.DeleteSnapshotRequest(), C.INVALID_ARGUMENT)
 
-    def test_unknown_is_success(self, plugin):
-        ctl(plugin).DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=UNKNOWN_SNAP), timeout=60)
+    def test_unknown_is_success(self, plugin, unknown_snap):
+        ctl(plugin).DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=unknown_snap), timeout=60)
         ctl(plugin).DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id="garbage id"), timeout=60)
 
     def test_idempotent(self, plugin, ledger):
@@ -127,9 +127,9 @@ class TestListSnapshots:
         assert [s.snapshot_id for s in by_source] == [snap.snapshot_id]
         assert all(s.ready_to_use for s in by_id)
 
-    def test_unknown_filters_give_empty(self, plugin):
-        assert list_all(plugin, snapshot_id=UNKNOWN_SNAP) == []
-        assert list_all(plugin, source_volume_id=UNKNOWN_VOL) == []
+    def test_unknown_filters_give_empty(self, plugin, unknown_snap, unknown_vol):
+        assert list_all(plugin, snapshot_id=unknown_snap) == []
+        assert list_all(plugin, source_volume_id=unknown_vol) == []
 
     def test_bad_token_aborted(self, plugin):
         expect_code(ctl(plugin).ListSnapshots, pb.ListSnapshotsRequest(starting_token="never-issued-token"),
