@@ -13,8 +13,8 @@ for the volumes restored from it. Clones and restores are clones too, flattened 
 than `cloneDepthLimit` (long chains make reads slow), or always with `flattenPolicy: always`.
 
 Idempotency and crash safety: names are deterministic; the request name, parameters and source are stored as image
-metadata (`tessera.*`), and `tessera.name` is written last, as the commit point. An image without it is an
-unfinished create that nothing has seen: a retry removes and redoes it, and listings ignore it. The short-lived RBD
+metadata (`tessera.*`), all keys in one atomic write once the image is complete: the commit point. An image
+without `tessera.name` is an unfinished create that nothing has seen: a retry removes and redoes it, and listings ignore it. The short-lived RBD
 snapshot used for a clone is named after the new image, so a retry finds and reuses or removes it.
 
 Connections: one long-lived rados.Rados per (cluster, user, key), shared by all RPCs (librbd releases the GIL, so
@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import struct
 import subprocess
 import threading
 import time
@@ -341,7 +342,7 @@ class RbdBackend(Backend):
         import rbd
         pio = conn.ioctx(parent_pool)
         with rbd.Image(pio, parent) as p:
-            if child not in {s["name"] for s in p.list_snaps()}:
+            if child not in _user_snaps(p):
                 p.create_snap(child)
         rbd.RBD().clone(pio, parent, child, conn.ioctx(pool), child, features=features, data_pool=data_pool,
                         stripe_unit=stripe[0], stripe_count=stripe[1])
@@ -370,6 +371,15 @@ class RbdBackend(Backend):
         """Remove an image; first make every clone of it self-contained (flatten), so that snapshots of a deleted
         volume, and volumes restored from a deleted snapshot, keep their data."""
         import rbd
+        try:  # fast path: no dependants, no leftovers
+            rbd.RBD().remove(conn.ioctx(pool), name)
+            return
+        except rbd.ImageNotFound:
+            return
+        except rbd.ImageBusy:
+            raise InUse(f"{what} is still in use (mapped or open on a node: it has watchers); unstage it first") from None
+        except rbd.ImageHasSnapshots:
+            pass
         img = self._open(conn, pool, name, read_only=False)
         if img is None:
             return
@@ -385,8 +395,8 @@ class RbdBackend(Backend):
                         c.flatten()
                 except rbd.ImageNotFound:
                     pass
-            for snap in list(img.list_snaps()):  # leftovers of a clone interrupted by a crash
-                img.remove_snap(snap["name"])
+            for snap in _user_snaps(img):  # leftovers of a clone interrupted by a crash
+                img.remove_snap(snap)
         for attempt in range(50):
             try:
                 rbd.RBD().remove(conn.ioctx(pool), name)
@@ -401,6 +411,19 @@ class RbdBackend(Backend):
         raise InUse(f"{what} still has snapshots that could not be removed")
 
     # ---- volumes ------------------------------------------------------------------------------------------
+    def _existing(self, conn: _Conn, pool: str, name: str, what: str) -> Optional[Volume]:
+        """The committed volume under `name`; an uncommitted image (interrupted create) is removed."""
+        img = self._open(conn, pool, name)
+        if img is None:
+            return None
+        with img:
+            meta = self._meta(img)
+            if "name" in meta:
+                return self._volume_of(pool, name, img, meta)
+        log.warning("removing unfinished image %s/%s left by an interrupted create", pool, name)
+        self._remove(conn, pool, name, what)
+        return None
+
     def create_volume(self, spec: CreateVolumeSpec) -> Volume:
         import rbd
         p = spec.parameters
@@ -408,16 +431,9 @@ class RbdBackend(Backend):
         name = VOL_PREFIX + object_uuid(self.runtime.driver_name, spec.name)
         what = f"volume {spec.name!r} ({pool}/{name})"
         conn = self._conn(spec.secrets)
+        meta = {"kind": "volume", "parameters": json.dumps(dict(spec.parameters), sort_keys=True), "name": spec.name}
         with self._ceph(f"create {what}", conn):
             io = conn.ioctx(pool)
-            img = self._open(conn, pool, name)
-            if img is not None:
-                with img:
-                    meta = self._meta(img)
-                    if "name" in meta:
-                        return self._volume_of(pool, name, img, meta)
-                log.warning("removing unfinished image %s/%s left by an interrupted create", pool, name)
-                self._remove(conn, pool, name, what)
             features = _feature_bits(p["imageFeatures"].split(",") if "imageFeatures" in p
                                      else self.options.imageFeatures)
             data_pool = p.get("dataPool", self.options.dataPool)
@@ -425,36 +441,63 @@ class RbdBackend(Backend):
                       int(p["stripeCount"]) if "stripeCount" in p else self.options.stripeCount)
             size = spec.size_bytes
             if spec.source is None:
-                rbd.RBD().create(io, name, size, features=features, data_pool=data_pool, stripe_unit=stripe[0],
-                                 stripe_count=stripe[1])
-            else:
-                prefix = SNAP_PREFIX if spec.source.kind == "snapshot" else VOL_PREFIX
-                parsed = self._split(spec.source.local_id, prefix)
-                src = self._open(conn, *parsed) if parsed else None
-                if src is None or "name" not in self._meta(src):
-                    if src is not None:
-                        src.close()
-                    raise NotFound(f"source {spec.source.kind} {self.name}:{spec.source.local_id} does not exist")
-                with src:
-                    src_size = src.size()
-                if size < src_size:
-                    if spec.limit_bytes and src_size > spec.limit_bytes:
-                        raise OutOfRange(f"the source {spec.source.kind} ({src_size} bytes) is larger than "
-                                         f"limit_bytes {spec.limit_bytes}")
-                    size = src_size  # no explicit size asked beyond the source's: take the source's size
-                assert parsed is not None
-                self._clone(conn, parsed[0], parsed[1], pool, name, features, data_pool, stripe)
-                with rbd.Image(io, name) as img:
-                    if size > src_size:
-                        img.resize(size)
-                    if self.options.flattenPolicy == "always" or self._depth(conn, img) > self.options.cloneDepthLimit:
-                        img.flatten()
-                    img.metadata_set(META + "source", f"{spec.source.kind}:{spec.source.local_id}")
+                # Fast path: create first; an existing image (retry, or a crash before the commit) is the rare case.
+                for _ in range(2):
+                    try:
+                        rbd.RBD().create(io, name, size, features=features, data_pool=data_pool,
+                                         stripe_unit=stripe[0], stripe_count=stripe[1])
+                        break
+                    except rbd.ImageExists:
+                        found = self._existing(conn, pool, name, what)
+                        if found is not None:
+                            return found
+                self._commit(io, name, meta)
+                return Volume(local_id=f"{pool}.{name}", capacity_bytes=size, name=spec.name,
+                              context=self._context(pool, name, p.get("mounter", self.options.mounter)),
+                              parameters=dict(spec.parameters))
+            found = self._existing(conn, pool, name, what)
+            if found is not None:
+                return found
+            prefix = SNAP_PREFIX if spec.source.kind == "snapshot" else VOL_PREFIX
+            parsed = self._split(spec.source.local_id, prefix)
+            src = self._open(conn, *parsed) if parsed else None
+            if src is None or "name" not in self._meta(src):
+                if src is not None:
+                    src.close()
+                raise NotFound(f"source {spec.source.kind} {self.name}:{spec.source.local_id} does not exist")
+            with src:
+                src_size = src.size()
+            if size < src_size:
+                if spec.limit_bytes and src_size > spec.limit_bytes:
+                    raise OutOfRange(f"the source {spec.source.kind} ({src_size} bytes) is larger than "
+                                     f"limit_bytes {spec.limit_bytes}")
+                size = src_size  # no explicit size asked beyond the source's: take the source's size
+            assert parsed is not None
+            self._clone(conn, parsed[0], parsed[1], pool, name, features, data_pool, stripe)
             with rbd.Image(io, name) as img:
-                img.metadata_set(META + "kind", "volume")
-                img.metadata_set(META + "parameters", json.dumps(dict(spec.parameters), sort_keys=True))
-                img.metadata_set(META + "name", spec.name)  # commit point
+                if size > src_size:
+                    img.resize(size)
+                if self.options.flattenPolicy == "always" or self._depth(conn, img) > self.options.cloneDepthLimit:
+                    img.flatten()
+            meta["source"] = f"{spec.source.kind}:{spec.source.local_id}"
+            self._commit(io, name, meta)
+            with rbd.Image(io, name, read_only=True) as img:
                 return self._volume_of(pool, name, img, self._meta(img))
+
+    @staticmethod
+    def _commit(io: Any, name: str, meta: Mapping[str, str]) -> None:
+        """Write all `tessera.*` metadata of a new image in one atomic step, the commit point of a create.
+
+        Why not Image.metadata_set: opening an image (header read, watch, exclusive-lock acquisition) costs more
+        than the create itself. The image is brand new and unseen, so the driver calls the RBD object class'
+        `metadata_set` on its header directly: one OSD op, all keys at once (what librbd sends, minus the lock)."""
+        def enc(b: bytes) -> bytes:
+            return struct.pack("<I", len(b)) + b
+        raw = io.read(f"rbd_id.{name}", 4096)
+        image_id = raw[4:4 + struct.unpack("<I", raw[:4])[0]].decode()
+        payload = struct.pack("<I", len(meta)) + b"".join(enc((META + k).encode()) + enc(v.encode())
+                                                          for k, v in sorted(meta.items()))
+        io.execute(f"rbd_header.{image_id}", "rbd", "metadata_set", payload)
 
     def delete_volume(self, local_id: str, secrets: Mapping[str, str]) -> None:
         parsed = self._split(local_id, VOL_PREFIX)
@@ -580,10 +623,9 @@ class RbdBackend(Backend):
             with rbd.Image(conn.ioctx(pool), sname) as s:
                 if self.options.flattenPolicy == "always" or self._depth(conn, s) > self.options.cloneDepthLimit:
                     s.flatten()
-                s.metadata_set(META + "kind", "snapshot")
-                s.metadata_set(META + "source_volume", source_local_id)
-                s.metadata_set(META + "created", repr(time.time()))
-                s.metadata_set(META + "name", name)  # commit point
+            self._commit(conn.ioctx(pool), sname, {"kind": "snapshot", "source_volume": source_local_id,
+                                                    "created": repr(time.time()), "name": name})
+            with rbd.Image(conn.ioctx(pool), sname, read_only=True) as s:
                 return self._snapshot_of(pool, sname, s, self._meta(s))
 
     def delete_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
@@ -786,6 +828,13 @@ class _Frozen:
     def stat(self) -> None:
         if self._err:
             raise RuntimeError(self._err)
+
+
+def _user_snaps(img: Any) -> list[str]:
+    """Names of the image's own snapshots (not those clone v2 keeps in the trash namespace for its children)."""
+    import rbd
+    return [s["name"] for s in img.list_snaps() if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
+            == rbd.RBD_SNAP_NAMESPACE_TYPE_USER]
 
 
 def _is_mountpoint(path: str) -> bool:

@@ -190,6 +190,9 @@ osd fast shutdown = false
 osd max object name len = 256
 osd max object namespace len = 64
 osd op complaint time = 120
+# A client killed with SIGKILL keeps its watches (and an image's exclusive lock) until this expires; 30 s by
+# default. Tests kill processes on purpose, so expire them sooner.
+osd client watch timeout = 5
 
 [mgr]
 mgr data = {d}/mgr.$id
