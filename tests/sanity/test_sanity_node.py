@@ -312,7 +312,8 @@ def test_full_lifecycle(plugin, ledger, kind, readonly):
         assert stats.usage
     ledger.unpublish(vol.volume_id, target)
     assert not is_mounted(target)
-    assert not os.path.exists(target) or not is_mounted(target)
+    # spec: the SP created target_path, so NodeUnpublishVolume removes it (csi-sanity "should remove target path")
+    assert not os.path.lexists(target), f"{target} left behind after NodeUnpublishVolume"
     ledger.unpublish(vol.volume_id, target)
     if staging:
         ledger.unstage(vol.volume_id, staging)
@@ -439,6 +440,19 @@ class TestVolumeStats:
         expect_code(node(plugin).NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
             volume_id=vol.volume_id, volume_path=os.path.join(plugin.workdir, "no", "such", "path")), C.NOT_FOUND)
 
+    def test_relative_path_unknown_volume(self, plugin, unknown_vol):
+        """csi-sanity's exact request: an unknown volume at the relative path "some/path" is NOT_FOUND."""
+        expect_code(node(plugin).NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
+            volume_id=unknown_vol, volume_path="some/path"), C.NOT_FOUND)
+
+    def test_relative_path_is_not_the_volume(self, plugin, ledger):
+        """csi-sanity "should fail when volume does not exist on the specified path": a published volume asked
+        at "some/path" is NOT_FOUND (no volume can live at a relative path)."""
+        vol, cap, staging, pctx = staged_volume(plugin, ledger)
+        ledger.publish(vol, staging, plugin.target_path(), cap, publish_context=pctx)
+        expect_code(node(plugin).NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
+            volume_id=vol.volume_id, volume_path="some/path"), C.NOT_FOUND)
+
     def test_path_is_not_the_volume(self, plugin, ledger):
         vol, cap, staging, pctx = staged_volume(plugin, ledger)
         other = plugin.staging_dir()
@@ -491,6 +505,11 @@ class TestNodeExpand:
     def test_unknown_volume(self, plugin, unknown_vol):
         expect_code(node(plugin).NodeExpandVolume, pb.NodeExpandVolumeRequest(
             volume_id=unknown_vol, volume_path=plugin.staging_dir()), C.NOT_FOUND)
+
+    def test_relative_path_unknown_volume(self, plugin, unknown_vol):
+        """csi-sanity's exact request: NodeExpandVolume of an unknown volume at "some/path" is NOT_FOUND."""
+        expect_code(node(plugin).NodeExpandVolume, pb.NodeExpandVolumeRequest(
+            volume_id=unknown_vol, volume_path="some/path"), C.NOT_FOUND)
 
     def test_path_not_the_volume(self, plugin, ledger):
         vol, cap, staging, pctx = staged_volume(plugin, ledger)
