@@ -14,7 +14,8 @@ never leaves a half-made volume that looks finished.
 What each mode supports:
 - thin (thinPool set): snapshots (thin snapshots, block-sharing, independent of their origin), volumes from
   snapshots and clones of volumes (thin snapshots with activation enabled), online expansion. Capacity is
-  `pool size × overcommitRatio − Σ virtual sizes of the pool's LVs`.
+  `pool size × overcommitRatio − Σ virtual sizes of the pool's LVs`; maximum_volume_size is pool size × ratio
+  (thick: the VG size); a request above it is OUT_OF_RANGE, one that does not fit now RESOURCE_EXHAUSTED.
 - thick: clones of volumes (a full copy read from a transient COW snapshot of the source, so the copy is
   point-in-time consistent), online expansion. *Snapshots are not supported* (a classic LVM snapshot dies with its
   origin and when its COW area fills, which breaks the CSI snapshot contract): CreateSnapshot and volumes from
@@ -31,7 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
                    SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
-from .errors import (CapacityExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TesseraError,
+from .errors import (BackendUnavailable, CapacityExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TesseraError,
                      Unsupported)
 from .lvm_volumes import LvInfo, LvmVolumes, fields_to_tags, validate_name
 
@@ -158,21 +159,31 @@ class LvmBackend(Backend):
             raise CapacityExceeded(f"Unable to provision in accessible_topology: backend {self.name!r} makes "
                                    f"node-local volumes on node {node!r} only, which the request does not allow")
 
-    def _thin_room(self) -> int:
-        pool = self.lvm.pool_info()
-        used = sum(lv.size for lv in self.lvm.list() if lv.pool == self.options.thinPool)
-        return max(0, int(pool.size * self.options.overcommitRatio) - used)
-
-    def _ensure_room(self, size: int) -> None:
+    def _room(self) -> tuple[int, int]:
+        """(free bytes now, the largest volume this backend could ever hold). Thin: the pool's size × ratio minus
+        the virtual sizes of its LVs, and pool size × ratio; thick: the VG's free extents, and the VG's size."""
         if self.thin:
-            room = self._thin_room()
-            if size > room:
-                raise CapacityExceeded(f"thin pool {self.lvm.vg}/{self.options.thinPool} has room for {room} more "
-                                       f"bytes (overcommitRatio {self.options.overcommitRatio}); {size} requested")
-        else:
-            free = self.lvm.vg_info().free
-            if size > free:
-                raise CapacityExceeded(f"volume group {self.lvm.vg} has {free} bytes free; {size} requested")
+            lvs = self.lvm.list()
+            pool = next((lv for lv in lvs if lv.name == self.options.thinPool and lv.is_thin_pool), None)
+            if pool is None:
+                raise BackendUnavailable(f"thin pool {self.lvm.vg}/{self.options.thinPool} not found")
+            limit = int(pool.size * self.options.overcommitRatio)
+            used = sum(lv.size for lv in lvs if lv.pool == self.options.thinPool)
+            return max(0, limit - used), limit
+        vg = self.lvm.vg_info()
+        return vg.free, vg.size
+
+    def _ensure_room(self, size: int, new_volume_size: int = 0) -> None:
+        """OutOfRange when no volume of `new_volume_size` can exist here at all (above maximum_volume_size),
+        CapacityExceeded when `size` more bytes do not fit now."""
+        free, maximum = self._room()
+        where = (f"thin pool {self.lvm.vg}/{self.options.thinPool} (overcommitRatio {self.options.overcommitRatio})"
+                 if self.thin else f"volume group {self.lvm.vg}")
+        if new_volume_size > maximum:
+            raise OutOfRange(f"{new_volume_size} bytes is more than the largest volume {where} can hold "
+                             f"({maximum} bytes)")
+        if size > free:
+            raise CapacityExceeded(f"{where} has room for {free} more bytes; {size} requested")
 
     def _fix_tags(self, name: str, wanted: list[str]) -> None:
         """Make the LV's tessera tags exactly `wanted` + pending (snapshots may inherit their origin's tags)."""
@@ -199,7 +210,7 @@ class LvmBackend(Backend):
         tags = fields_to_tags(NS, fields)
         size = spec.size_bytes
         if spec.source is None:
-            self._ensure_room(size)
+            self._ensure_room(size, size)
             return self._volume(self.lvm.create(local_id, size, tags, thin=self.thin))
         if spec.source.kind == "snapshot":
             src = self._find(spec.source.local_id, "snapshot", SNAPSHOT_PREFIX)
@@ -212,7 +223,7 @@ class LvmBackend(Backend):
                              f"({src.size} bytes)")
         if spec.limit_bytes and src.size > spec.limit_bytes:
             raise OutOfRange(f"the source {spec.source.kind} ({src.size} bytes) exceeds limit_bytes {spec.limit_bytes}")
-        self._ensure_room(size)
+        self._ensure_room(size, size)
         if self.thin:
             self.lvm.snapshot(src.name, local_id, tags + [PENDING_TAG], activation_skip=False)
             self._fix_tags(local_id, tags)
@@ -261,8 +272,8 @@ class LvmBackend(Backend):
     def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
         if segments and segments.get(self.runtime.topology_key, self.runtime.node_name) != self.runtime.node_name:
             return Capacity(0)
-        avail = self._thin_room() if self.thin else self.lvm.vg_info().free
-        return Capacity(available_bytes=avail, maximum_volume_size=avail, minimum_volume_size=self.allocation_unit())
+        free, maximum = self._room()
+        return Capacity(available_bytes=free, maximum_volume_size=maximum, minimum_volume_size=self.allocation_unit())
 
     def expand_volume(self, local_id: str, size_bytes: int, secrets: Mapping[str, str]) -> tuple[int, bool]:
         lv = self._find(local_id, "volume", VOLUME_PREFIX)
@@ -270,7 +281,7 @@ class LvmBackend(Backend):
             raise NotFound(f"volume {self.name}:{local_id} does not exist")
         if lv.size >= size_bytes:
             return lv.size, False
-        self._ensure_room(size_bytes - lv.size)
+        self._ensure_room(size_bytes - lv.size, size_bytes)
         return self.lvm.resize(local_id, size_bytes).size, True
 
     # ---- snapshots --------------------------------------------------------------------------------------

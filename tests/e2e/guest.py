@@ -219,22 +219,23 @@ def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind:
         reader.start()
         deadline = t0 + boot_timeout + timeout + 60
         error = ""
-        while proc.poll() is None:
-            now = time.monotonic()
-            if not ready_at and now > t0 + boot_timeout:
-                error = f"guest did not get ready within {boot_timeout:.0f}s (boot hung?)"
-            elif now > deadline:
-                error = f"guest did not finish within {deadline - t0:.0f}s"
-            if error:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.2)
-        proc.wait()
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # helper processes UML left behind
-        except ProcessLookupError:
-            pass
-        reader.join(timeout=5)
+            while proc.poll() is None:
+                now = time.monotonic()
+                if not ready_at and now > t0 + boot_timeout:
+                    error = f"guest did not get ready within {boot_timeout:.0f}s (boot hung?)"
+                elif now > deadline:
+                    error = f"guest did not finish within {deadline - t0:.0f}s"
+                if error:
+                    break
+                time.sleep(0.2)
+        finally:  # also on KeyboardInterrupt / a pytest-timeout: never leave a guest behind
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the guest, or helper processes UML left behind
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            reader.join(timeout=5)
     total = time.monotonic() - t0
     status: dict = {}
     try:

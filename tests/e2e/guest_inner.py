@@ -81,7 +81,7 @@ def setup(spec: dict, env: dict[str, str], status: dict) -> list[subprocess.Pope
 def prepare_scratch(env: dict[str, str]) -> None:
     """The first extra disk becomes an ext4 at /scratch ($TESSERA_SCRATCH): room for loop files and test data
     that would otherwise sit in guest RAM."""
-    for dev in ("/dev/ubdb", "/dev/vdb"):
+    for dev in ("/dev/ubdb", "/dev/vda"):  # UML: ubda is unused; QEMU: no root disk
         if os.path.exists(dev):
             os.makedirs("/scratch", exist_ok=True)
             if quiet(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1", dev], 120) == 0 \

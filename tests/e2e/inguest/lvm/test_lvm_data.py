@@ -218,7 +218,18 @@ def test_topology_and_idempotency(lvm: LvmEnv) -> None:
     assert v1.volume_id in ids
 
 
-def test_out_of_space_is_resource_exhausted(lvm: LvmEnv) -> None:
+def test_out_of_space_and_out_of_range(lvm: LvmEnv) -> None:
+    """Bigger than the backend could ever hold: OUT_OF_RANGE; could fit but not now: RESOURCE_EXHAUSTED."""
+    cap = lvm.client.controller.GetCapacity(pb.GetCapacityRequest())
+    maximum = cap.maximum_volume_size.value
+    assert 0 < cap.available_capacity <= maximum
     expect_code(lvm.client.controller.CreateVolume, pb.CreateVolumeRequest(
-        name="huge", capacity_range=pb.CapacityRange(required_bytes=64 << 30), volume_capabilities=[mount_cap()]),
-        grpc.StatusCode.RESOURCE_EXHAUSTED)
+        name="huge", capacity_range=pb.CapacityRange(required_bytes=maximum + (1 << 30)),
+        volume_capabilities=[mount_cap()]), grpc.StatusCode.OUT_OF_RANGE)
+    half = _create(lvm, "half", (cap.available_capacity // 2) // (4 * MIB) * (4 * MIB), mount_cap())
+    left = lvm.client.controller.GetCapacity(pb.GetCapacityRequest()).available_capacity
+    assert left < maximum
+    expect_code(lvm.client.controller.CreateVolume, pb.CreateVolumeRequest(
+        name="too-much", capacity_range=pb.CapacityRange(required_bytes=left + 4 * MIB),
+        volume_capabilities=[mount_cap()]), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    lvm.ledger.delete_volume(half.volume_id)
