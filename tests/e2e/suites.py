@@ -27,6 +27,8 @@ SUITES: list[Suite] = [
           "LVM backend data path, thick and thin: restage, block, snapshot restore, clone, online grow, capacity"),
     Suite("sanity-lvm", ("tests/sanity", "--sanity-profile", "lvm-thick", "--sanity-profile", "lvm-thin"),
           "the CSI conformance suite against the LVM backend (thick and thin) on a loop-backed VG"),
+    Suite("flex-lvm", ("tests/e2e/inguest/flex",),
+          "FlexVolume shim + provisioner PVC-to-mount walk on LVM (thick and thin), the shim called as kubelet calls it"),
 ]
 
 

@@ -224,3 +224,22 @@ def test_unmount_after_reboot_uses_the_record(flexnode):
     assert k.call("mount", d, _kubelet_options(pv)).ok
     assert k.call("unmount", d).ok
     ops.delete_volume(vid, {})
+
+
+def test_full_pvc_to_mount_walk_with_provisioner(flexnode):
+    """PVC → provisioner → PV → shim mountdevice/mount → data → re-mount → delete, all real but the API server."""
+    from backends.errors import NotFound
+    from tests.integration.flex.walk import pvc_to_mount_walk
+    ops = flexnode.controller_ops()
+
+    def gone(vid):
+        try:
+            ops.get_volume(vid)
+        except NotFound:
+            return True
+        return False
+
+    facts = pvc_to_mount_walk(flexnode.kubelet, flexnode.kubelet_dir, ops, "flex-node", {"backend": "local"},
+                              size="64Mi", volume_gone=gone)
+    assert facts["capabilities"]["attach"] is False
+    assert flexnode.mounts_under() == [] and _loops_for(flexnode.root) == []

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Cost of the FlexVolume shim, printed as figures and ratios (nothing asserts on time).
+
+    .venv/bin/python bench/bench_flex.py [--iterations 20] [--init-iterations 40] [--size-mib 64]
+
+  init            wall time of `block init` as kubelet runs it (a new process each time): through the installed
+                  launcher (`python -m flex.install`, shebang = venv python) and through the repo's `flex/block`
+                  (which re-executes under the venv). Target: < 150 ms.
+  mount           setting a volume up for a pod, on an already formatted file-backend volume:
+                    shim, attach: false   `mount DIR OPTS` (stages + publishes in one call)
+                    shim, attach: true    `mountdevice GLOBAL DEV OPTS` + `mount DIR OPTS`
+                    gRPC                  NodeStageVolume + NodePublishVolume to a running `tessera-csi serve`
+                  ratio = shim / gRPC (target <= 1.2). Teardown (unmount[+unmountdevice] vs
+                  NodeUnpublish+NodeUnstage) is timed and printed the same way.
+Runs alternate shim and gRPC per iteration so machine drift hits both alike. Needs root.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from csi._pb import csi_pb2 as pb  # noqa: E402
+from tests.sanity.harness import Client, ServerProcess, mount_cap  # noqa: E402
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def line(label, xs):
+    print(f"{label:<34} n={len(xs):<3} p50 {statistics.median(xs) * 1e3:8.1f} ms  p95 {pct(xs, .95) * 1e3:8.1f} ms  "
+          f"max {max(xs) * 1e3:8.1f} ms", flush=True)
+
+
+def shim_call(exe, env, *args):
+    t = time.perf_counter()
+    p = subprocess.run([exe, *args], capture_output=True, text=True, env=env)
+    dt = time.perf_counter() - t
+    reply = json.loads(p.stdout + p.stderr)
+    if p.returncode != 0 or reply["status"] != "Success":
+        raise SystemExit(f"shim {args[0]} failed: {reply}")
+    return dt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--init-iterations", type=int, default=40)
+    ap.add_argument("--size-mib", type=int, default=64)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_flex needs root (loop devices, mounts)", file=sys.stderr)
+        return 2
+    from flex.install import install
+    work = tempfile.mkdtemp(prefix="bench-flex-")
+    cfg = os.path.join(work, "config.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"stateDir: {work}/shim-state\nbackends:\n  local:\n    type: file\n    directory: {work}/shim-files\n")
+    env = dict(os.environ, TESSERA_CONFIG=cfg, TESSERA_FLEX_LOG=os.path.join(work, "shim.log"),
+               TESSERA_NODE_NAME="bench-node")
+    launcher = install(os.path.join(work, "plugins"), sys.executable, REPO, cfg, "bench-node",
+                       os.path.join(work, "shim.log"))
+    repo_exe = os.path.join(REPO, "flex", "block")
+
+    print(f"# bench_flex: {a.iterations} mount iterations, {a.init_iterations} init runs, {a.size_mib} MiB volumes")
+    for exe in (launcher, repo_exe):  # warm the page cache and bytecode
+        shim_call(exe, env, "init")
+    li, ri = [], []
+    for _ in range(a.init_iterations):
+        li.append(shim_call(launcher, env, "init"))
+        ri.append(shim_call(repo_exe, env, "init"))
+    line("init (installed launcher)", li)
+    line("init (repo flex/block, re-exec)", ri)
+    print(f"init target < 150 ms: launcher p95 {'OK' if pct(li, .95) < .15 else 'OVER'}, "
+          f"flex/block p95 {'OK' if pct(ri, .95) < .15 else 'OVER'}")
+
+    # volumes: one for the shim (its config), one for the server
+    from backends.base import CapabilitySpec
+    from csi.config import load_config
+    from csi.controllerops import ControllerOps
+    from csi.registry import Backends
+    ops = ControllerOps(Backends(load_config(cfg), "bench-node"))
+    size = a.size_mib << 20
+    vid, vol = ops.create_volume("bench-flex", size, 0, [CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4")], {}, {})
+    opts = json.dumps({"kubernetes.io/fsType": "ext4", "kubernetes.io/readwrite": "rw",
+                       "kubernetes.io/pvOrVolumeName": "pv-bench", "volumeID": vid, **vol.context})
+    kubelet = os.path.join(work, "kubelet")
+    server = ServerProcess(os.path.join(work, "srv"), node_id="bench-node").start()
+    client = Client(server.endpoint, timeout=120)
+    try:
+        gvol = client.controller.CreateVolume(pb.CreateVolumeRequest(
+            name="bench-grpc", volume_capabilities=[mount_cap("ext4")],
+            capacity_range=pb.CapacityRange(required_bytes=size)), timeout=60).volume
+        cap = mount_cap("ext4")
+        t_af, t_at, t_g = [], [], []
+        d_af, d_at, d_g = [], [], []
+        for i in range(a.iterations + 1):
+            pod = os.path.join(kubelet, "pods", f"p{i}", "volumes", "tessera~block", "pv-bench")
+            os.makedirs(pod)
+            # shim, attach: false
+            up = shim_call(launcher, env, "mount", pod, opts)
+            down = shim_call(launcher, env, "unmount", pod)
+            # shim, attach: true
+            g = os.path.join(kubelet, "plugins", "kubernetes.io", "flexvolume", "tessera", "block", "mounts",
+                             f"pv-bench-{i}")
+            os.makedirs(g)
+            os.makedirs(pod, exist_ok=True)
+            up2 = shim_call(launcher, env, "mountdevice", g, "", opts) + shim_call(launcher, env, "mount", pod, opts)
+            down2 = shim_call(launcher, env, "unmount", pod) + shim_call(launcher, env, "unmountdevice", g)
+            # gRPC
+            stg = tempfile.mkdtemp(dir=work)
+            tgt = os.path.join(tempfile.mkdtemp(dir=work), "t")
+            t = time.perf_counter()
+            client.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+                volume_id=gvol.volume_id, staging_target_path=stg, volume_capability=cap,
+                volume_context=gvol.volume_context), timeout=120)
+            client.node.NodePublishVolume(pb.NodePublishVolumeRequest(
+                volume_id=gvol.volume_id, staging_target_path=stg, target_path=tgt, volume_capability=cap,
+                volume_context=gvol.volume_context), timeout=120)
+            gu = time.perf_counter() - t
+            t = time.perf_counter()
+            client.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=gvol.volume_id, target_path=tgt),
+                                            timeout=120)
+            client.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=gvol.volume_id,
+                                                                      staging_target_path=stg), timeout=120)
+            gd = time.perf_counter() - t
+            if i == 0:
+                continue  # the first round formats both volumes
+            t_af.append(up), d_af.append(down), t_at.append(up2), d_at.append(down2), t_g.append(gu), d_g.append(gd)
+        line("mount: shim attach:false (mount)", t_af)
+        line("mount: shim attach:true (mdev+mount)", t_at)
+        line("mount: gRPC Stage+Publish", t_g)
+        line("teardown: shim attach:false", d_af)
+        line("teardown: shim attach:true", d_at)
+        line("teardown: gRPC Unpublish+Unstage", d_g)
+        g50 = statistics.median(t_g)
+        print(f"mount ratio p50 (shim/gRPC): attach:false {statistics.median(t_af) / g50:.2f}, "
+              f"attach:true {statistics.median(t_at) / g50:.2f} (target <= 1.2)")
+        gd50 = statistics.median(d_g)
+        print(f"teardown ratio p50 (shim/gRPC): attach:false {statistics.median(d_af) / gd50:.2f}, "
+              f"attach:true {statistics.median(d_at) / gd50:.2f}")
+        client.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=gvol.volume_id), timeout=60)
+    finally:
+        client.close()
+        server.stop()
+        ops.delete_volume(vid, {})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Install the FlexVolume executable for `tessera/block` into kubelet's plugin directory.
+
+    python -m flex.install --plugin-dir /usr/libexec/kubernetes/kubelet-plugins [--python PY] [--code-root DIR]
+                           [--config /etc/tessera/config.yaml] [--node-name NODE] [--log FILE]
+
+Writes `<plugin-dir>/volume/exec/tessera~block/block`: a launcher whose shebang is the interpreter that has the
+shim's dependencies (this one by default) and which puts the code root on sys.path and sets the environment kubelet
+cannot pass (config path, node name, log file). The file is written to a temporary name and renamed into place,
+because kubelet watches that directory and may run a half-written file otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVER_DIR = "tessera~block"
+EXECUTABLE = "block"
+
+_TEMPLATE = '''#!{python} -E
+# tessera/block FlexVolume driver launcher, written by `python -m flex.install`; re-run it to change.
+import os, sys
+os.environ.setdefault("TESSERA_CONFIG", {config!r})
+os.environ.setdefault("TESSERA_NODE_NAME", {node!r})
+os.environ.setdefault("TESSERA_FLEX_LOG", {log!r})
+sys.path.insert(0, {root!r})
+from flex.shim import main
+sys.exit(main())
+'''
+
+
+def launcher_text(python: str, root: str, config: str, node: str, log: str) -> str:
+    return _TEMPLATE.format(python=python, root=root, config=config, node=node, log=log)
+
+
+def install(plugin_dir: str, python: str = sys.executable, root: str = REPO, config: str = "",
+            node: str = "", log: str = "") -> str:
+    """Write the launcher atomically; returns its path."""
+    target_dir = os.path.join(plugin_dir, "volume", "exec", DRIVER_DIR)
+    os.makedirs(target_dir, mode=0o755, exist_ok=True)
+    text = launcher_text(python, root, config, node, log)
+    fd, tmp = tempfile.mkstemp(prefix=".block-", dir=target_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o755)
+        path = os.path.join(target_dir, EXECUTABLE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flex.install", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plugin-dir", default="/usr/libexec/kubernetes/kubelet-plugins",
+                   help="kubelet's --volume-plugin-dir (default %(default)s)")
+    p.add_argument("--python", default=sys.executable, help="interpreter with the shim's dependencies")
+    p.add_argument("--code-root", default=REPO, help="directory holding the flex/, csi/ and backends/ packages")
+    p.add_argument("--config", default="", help="Tessera config file (default: /etc/tessera/config.yaml if present)")
+    p.add_argument("--node-name", default="", help="this node's Kubernetes name (default: the hostname)")
+    p.add_argument("--log", default="", help="shim log file (default /var/log/tessera-flex.log)")
+    a = p.parse_args(argv)
+    path = install(a.plugin_dir, a.python, a.code_root, a.config, a.node_name, a.log)
+    print(f"installed {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
