@@ -2,6 +2,13 @@
 
     python -m flex.install --plugin-dir /usr/libexec/kubernetes/kubelet-plugins [--python PY] [--code-root DIR]
                            [--config /etc/tessera/config.yaml] [--node-name NODE] [--log FILE]
+                           [--copy-runtime SRC DEST] [--copy-config SRC DEST] [--wait]
+
+In the DaemonSet (deploy/kubernetes/flex) the container sees the host under /host: `--copy-runtime` first copies the
+image's self-contained runtime (a relocatable Python with the dependencies, plus the code) to the host, into a new
+directory renamed into place so a running shim never sees a half-copied tree; `--copy-config` does the same for the
+config file; `--python`/`--code-root`/`--config` then name *host* paths, and `--wait` keeps the pod alive (so the
+DaemonSet re-installs after an image update) until SIGTERM.
 
 Writes `<plugin-dir>/volume/exec/tessera~block/block`: a launcher whose shebang is the interpreter that has the
 shim's dependencies (this one by default) and which puts the code root on sys.path and sets the environment kubelet
@@ -56,6 +63,30 @@ def install(plugin_dir: str, python: str = sys.executable, root: str = REPO, con
     return path
 
 
+def copy_tree_atomic(src: str, dest: str) -> None:
+    """Replace `dest` by a copy of `src` (copy beside it, then swap by rename)."""
+    import shutil
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".copy-", dir=parent)
+    shutil.copytree(src, os.path.join(tmp, "new"), symlinks=True)
+    old = None
+    if os.path.exists(dest):
+        old = os.path.join(tmp, "old")
+        os.rename(dest, old)
+    os.rename(os.path.join(tmp, "new"), dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_file_atomic(src: str, dest: str, mode: int = 0o600) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cfg-", dir=os.path.dirname(os.path.abspath(dest)))
+    with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+        out.write(inp.read())
+    os.chmod(tmp, mode)
+    os.replace(tmp, dest)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flex.install", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,9 +97,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--config", default="", help="Tessera config file (default: /etc/tessera/config.yaml if present)")
     p.add_argument("--node-name", default="", help="this node's Kubernetes name (default: the hostname)")
     p.add_argument("--log", default="", help="shim log file (default /var/log/tessera-flex.log)")
+    p.add_argument("--copy-runtime", nargs=2, metavar=("SRC", "DEST"), help="copy a runtime tree to the host first")
+    p.add_argument("--copy-config", nargs=2, metavar=("SRC", "DEST"), help="copy the config file to the host first")
+    p.add_argument("--wait", action="store_true", help="after installing, sleep until SIGTERM (DaemonSet)")
     a = p.parse_args(argv)
+    if a.copy_runtime:
+        copy_tree_atomic(*a.copy_runtime)
+    if a.copy_config:
+        copy_file_atomic(*a.copy_config)
     path = install(a.plugin_dir, a.python, a.code_root, a.config, a.node_name, a.log)
-    print(f"installed {path}")
+    print(f"installed {path}", flush=True)
+    if a.wait:
+        import signal
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while True:
+            signal.pause()
     return 0
 
 
