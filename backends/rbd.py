@@ -41,7 +41,7 @@ from pydantic import Field, model_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
                    SINGLE_NODE_MODES, MULTI_NODE_MODES, Snapshot, Volume, object_uuid)
-from .errors import (BackendUnavailable, CapacityExceeded, DeadlineExceeded, Internal, InUse, InvalidArgument,
+from .errors import (Aborted, BackendUnavailable, CapacityExceeded, DeadlineExceeded, Internal, InUse, InvalidArgument,
                      NotFound, OutOfRange, PermissionDenied, TesseraError)
 from .util import CommandError, run
 
@@ -367,14 +367,28 @@ class RbdBackend(Backend):
             for o in opened:
                 o.close()
 
+    def _forget_stale(self, conn: _Conn, pool: str, name: str) -> None:
+        """After a remove: librbd removes an image by moving it to the pool's trash (source REMOVING) and then
+        deleting it from there; a driver killed in between leaves the image in the trash, where `rbd ls` still
+        shows its name. Finish such removals for this name (one omap read when the trash is empty)."""
+        import rbd
+        io = conn.ioctx(pool)
+        for entry in rbd.RBD().trash_list(io):
+            if entry.get("name") == name and entry.get("source") == "REMOVING":
+                log.warning("finishing the interrupted removal of %s/%s (trash id %s)", pool, name, entry["id"])
+                with contextlib.suppress(rbd.ImageNotFound):
+                    rbd.RBD().trash_remove(io, entry["id"], force=True)
+
     def _remove(self, conn: _Conn, pool: str, name: str, what: str) -> None:
         """Remove an image; first make every clone of it self-contained (flatten), so that snapshots of a deleted
         volume, and volumes restored from a deleted snapshot, keep their data."""
         import rbd
         try:  # fast path: no dependants, no leftovers
             rbd.RBD().remove(conn.ioctx(pool), name)
+            self._forget_stale(conn, pool, name)
             return
         except rbd.ImageNotFound:
+            self._forget_stale(conn, pool, name)
             return
         except rbd.ImageBusy:
             raise InUse(f"{what} is still in use (mapped or open on a node: it has watchers); unstage it first") from None
@@ -400,8 +414,10 @@ class RbdBackend(Backend):
         for attempt in range(50):
             try:
                 rbd.RBD().remove(conn.ioctx(pool), name)
+                self._forget_stale(conn, pool, name)
                 return
             except rbd.ImageNotFound:
+                self._forget_stale(conn, pool, name)
                 return
             except rbd.ImageHasSnapshots:
                 time.sleep(0.05)  # a trashed snapshot goes away once its last clone is flattened
@@ -411,17 +427,43 @@ class RbdBackend(Backend):
         raise InUse(f"{what} still has snapshots that could not be removed")
 
     # ---- volumes ------------------------------------------------------------------------------------------
-    def _existing(self, conn: _Conn, pool: str, name: str, what: str) -> Optional[Volume]:
-        """The committed volume under `name`; an uncommitted image (interrupted create) is removed."""
+    def _open_ok(self, conn: _Conn, pool: str, name: str) -> bool:
         img = self._open(conn, pool, name)
         if img is None:
+            return False
+        img.close()
+        return True
+
+    def _existing(self, conn: _Conn, pool: str, name: str, what: str,
+                  reuse: Optional[tuple[int, int]] = None) -> Optional[Volume]:
+        """The committed volume under `name`, or None. An uncommitted image (an interrupted create nobody has
+        seen) is kept when `reuse` = (size, features) matches it and it has no parent — the caller commits it;
+        otherwise it is removed. Reusing avoids a remove, which a second crash could itself interrupt."""
+        import rbd
+        img = self._open(conn, pool, name)
+        if img is None:
+            # A create or remove killed half-way can leave the name registered without a readable header; librbd's
+            # remove cleans such remains (and is a no-op for a name that is truly free).
+            with contextlib.suppress(rbd.ImageNotFound):
+                rbd.RBD().remove(conn.ioctx(pool), name)
             return None
         with img:
             meta = self._meta(img)
             if "name" in meta:
                 return self._volume_of(pool, name, img, meta)
+            if reuse is not None and img.size() == reuse[0] and img.features() == reuse[1]:
+                try:
+                    img.get_parent_image_spec()
+                except rbd.ImageNotFound:
+                    log.warning("finishing unfinished image %s/%s left by an interrupted create", pool, name)
+                    return None
         log.warning("removing unfinished image %s/%s left by an interrupted create", pool, name)
-        self._remove(conn, pool, name, what)
+        try:
+            self._remove(conn, pool, name, what)
+        except InUse:
+            # The process that was creating it died with the image open; the OSDs drop its watch after
+            # `osd client watch timeout` (30 s by default). Until then, ask the CO to come back.
+            raise Aborted(f"{what}: an interrupted earlier create still holds the image open; retry shortly") from None
         return None
 
     def create_volume(self, spec: CreateVolumeSpec) -> Volume:
@@ -448,9 +490,11 @@ class RbdBackend(Backend):
                                          stripe_unit=stripe[0], stripe_count=stripe[1])
                         break
                     except rbd.ImageExists:
-                        found = self._existing(conn, pool, name, what)
+                        found = self._existing(conn, pool, name, what, reuse=(size, features))
                         if found is not None:
                             return found
+                        if self._open_ok(conn, pool, name):
+                            break  # an unfinished create of the same image: finish it (commit below)
                 self._commit(io, name, meta)
                 return Volume(local_id=f"{pool}.{name}", capacity_bytes=size, name=spec.name,
                               context=self._context(pool, name, p.get("mounter", self.options.mounter)),

@@ -83,7 +83,17 @@ def test_kill_9_during_creates_loses_duplicates_and_orphans_nothing(ceph_cluster
     # the CO retries every name until it succeeds
     final: dict[str, str] = {}
     for i, n in enumerate(names):
-        v = client.controller.CreateVolume(_request(n, source.volume_id if i % 3 == 0 else None), timeout=60).volume
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                v = client.controller.CreateVolume(_request(n, source.volume_id if i % 3 == 0 else None),
+                                                   timeout=60).volume
+                break
+            except grpc.RpcError as e:
+                # ABORTED: a killed server's create still holds the image until its watch expires (5 s here)
+                if e.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         final[n] = v.volume_id
     # none lost: what the plugin answered before a crash is still what it answers now
     for n, vid in answered.items():
@@ -95,11 +105,14 @@ def test_kill_9_during_creates_loses_duplicates_and_orphans_nothing(ceph_cluster
     for image in rbd.RBD().list(admin_io):
         if not image.startswith("tessera-vol-"):
             continue
-        with rbd.Image(admin_io, image, read_only=True) as img:
-            try:
-                stored = img.metadata_get("tessera.name")
-            except KeyError:
-                stored = None
+        try:
+            with rbd.Image(admin_io, image, read_only=True) as img:
+                try:
+                    stored = img.metadata_get("tessera.name")
+                except KeyError:
+                    stored = None
+        except rbd.ImageNotFound:
+            pytest.fail(f"image {image} is listed in the pool but cannot be opened: remains of a killed create")
         if stored is not None and stored.startswith(f"crash-{run_tag}-"):
             ours[image] = stored
         elif image in expected:
@@ -115,7 +128,25 @@ def test_kill_9_during_creates_loses_duplicates_and_orphans_nothing(ceph_cluster
     # and everything deletes cleanly
     for vid in list(final.values()) + [source.volume_id]:
         client.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid), timeout=60)
+    trash = [e for e in rbd.RBD().trash_list(admin_io) if e["name"] in expected]
+    assert trash == [], f"half-removed images left in the trash: {trash}"
     left = [i for i in rbd.RBD().list(admin_io) if i in expected]
-    assert left == []
+    assert left == [], (f"images left after DeleteVolume returned OK: {[_describe(admin_io, i) for i in left]}\n"
+                        + "".join(l for l in open(server.log_path) if any(i in l for i in left)))
     client.close()
     server.stop()
+
+
+def _describe(io, image: str) -> str:
+    """What the cluster holds for a name: header, id object, trash state (for a useful failure message)."""
+    parts = [image]
+    try:
+        with rbd.Image(io, image, read_only=True) as img:
+            parts.append(f"opens: id={img.id()} snaps={list(img.list_snaps())} children={img.list_children2()}")
+    except rbd.Error as e:
+        parts.append(f"open fails: {type(e).__name__}: {e}")
+    try:
+        parts.append(f"rbd_id={io.read('rbd_id.' + image)!r}")
+    except Exception as e:  # noqa: BLE001
+        parts.append(f"no rbd_id: {type(e).__name__}")
+    return "; ".join(parts)
