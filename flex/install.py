@@ -27,28 +27,37 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER_DIR = "tessera~block"
 EXECUTABLE = "block"
 
-_TEMPLATE = '''#!{python} -E
+_TEMPLATE = '''#!{python} -ES
 # tessera/block FlexVolume driver launcher, written by `python -m flex.install`; re-run it to change.
+# -S: site-packages are added only when the call runs in-process; a call the node agent answers never needs them.
 import os, sys
 os.environ.setdefault("TESSERA_CONFIG", {config!r})
 os.environ.setdefault("TESSERA_NODE_NAME", {node!r})
 os.environ.setdefault("TESSERA_FLEX_LOG", {log!r})
 sys.path.insert(0, {root!r})
+if len(sys.argv) > 1 and sys.argv[1] != "init" and {agent!r}:
+    from flex.agent_client import call
+    answer = call({agent!r}, sys.argv[1:], os.environ["TESSERA_CONFIG"], os.environ["TESSERA_NODE_NAME"])
+    if answer is not None:
+        os.write(1, answer[0].encode())
+        sys.exit(answer[1])
+import site
+site.main()
 from flex.shim import main
 sys.exit(main())
 '''
 
 
-def launcher_text(python: str, root: str, config: str, node: str, log: str) -> str:
-    return _TEMPLATE.format(python=python, root=root, config=config, node=node, log=log)
+def launcher_text(python: str, root: str, config: str, node: str, log: str, agent: str = "") -> str:
+    return _TEMPLATE.format(python=python, root=root, config=config, node=node, log=log, agent=agent)
 
 
 def install(plugin_dir: str, python: str = sys.executable, root: str = REPO, config: str = "",
-            node: str = "", log: str = "") -> str:
+            node: str = "", log: str = "", agent_socket: str = "") -> str:
     """Write the launcher atomically; returns its path."""
     target_dir = os.path.join(plugin_dir, "volume", "exec", DRIVER_DIR)
     os.makedirs(target_dir, mode=0o755, exist_ok=True)
-    text = launcher_text(python, root, config, node, log)
+    text = launcher_text(python, root, config, node, log, agent_socket)
     fd, tmp = tempfile.mkstemp(prefix=".block-", dir=target_dir)
     try:
         with os.fdopen(fd, "w") as f:
@@ -97,6 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--config", default="", help="Tessera config file (default: /etc/tessera/config.yaml if present)")
     p.add_argument("--node-name", default="", help="this node's Kubernetes name (default: the hostname)")
     p.add_argument("--log", default="", help="shim log file (default /var/log/tessera-flex.log)")
+    p.add_argument("--agent-socket", default="", help="unix socket of the optional node agent (flex.agent); calls go "
+                   "there when it answers, in-process otherwise")
     p.add_argument("--copy-runtime", nargs=2, metavar=("SRC", "DEST"), help="copy a runtime tree to the host first")
     p.add_argument("--copy-config", nargs=2, metavar=("SRC", "DEST"), help="copy the config file to the host first")
     p.add_argument("--wait", action="store_true", help="after installing, sleep until SIGTERM (DaemonSet)")
@@ -105,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         copy_tree_atomic(*a.copy_runtime)
     if a.copy_config:
         copy_file_atomic(*a.copy_config)
-    path = install(a.plugin_dir, a.python, a.code_root, a.config, a.node_name, a.log)
+    path = install(a.plugin_dir, a.python, a.code_root, a.config, a.node_name, a.log, a.agent_socket)
     print(f"installed {path}", flush=True)
     if a.wait:
         import signal

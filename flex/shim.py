@@ -340,8 +340,9 @@ def _describe(command: str, args: Sequence[str]) -> str:
     return " ".join([command] + ["<options>" if a.lstrip().startswith("{") else a for a in args])
 
 
-def run(argv: Sequence[str]) -> Reply:
-    """Answer one kubelet call (argv without the program name). Never raises."""
+def run(argv: Sequence[str], shim: Optional[Shim] = None) -> Reply:
+    """Answer one kubelet call (argv without the program name). Never raises. `shim`: a long-lived instance (the
+    node agent keeps one so the config and backends are built once); by default a fresh one, closed afterwards."""
     if not argv:
         return P.failure("no command given; usage: block <init|attach|detach|waitforattach|isattached|mountdevice|"
                          "unmountdevice|mount|unmount|expandvolume|expandfs> [arguments]")
@@ -349,7 +350,8 @@ def run(argv: Sequence[str]) -> Reply:
     handler = _HANDLERS.get(command)
     if handler is None:
         return P.not_supported(f"{command!r} is not implemented by the tessera/block driver")
-    shim = Shim()
+    own = shim is None
+    shim = shim or Shim()
     try:
         return handler(shim, args)
     except UsageError as e:
@@ -357,10 +359,11 @@ def run(argv: Sequence[str]) -> Reply:
     except Exception as e:  # noqa: BLE001 - every failure becomes a Failure answer kubelet can show
         return P.failure(_failure_text(command, e))
     finally:
-        try:
-            shim.close()
-        except Exception:  # noqa: BLE001
-            pass
+        if own:
+            try:
+                shim.close()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def _failure_text(command: str, e: Exception) -> str:
