@@ -371,8 +371,24 @@ class RbdBackend(Backend):
         """After a remove: librbd removes an image by moving it to the pool's trash (source REMOVING) and then
         deleting it from there; a driver killed in between leaves the image in the trash, where `rbd ls` still
         shows its name. Finish such removals for this name (one omap read when the trash is empty)."""
+        import rados
         import rbd
         io = conn.ioctx(pool)
+        # A create killed between registering the name and writing the image can leave the name in the pool's
+        # directory with nothing behind it; drop such an entry (the RBD class' own directory call).
+        enc = lambda b: struct.pack("<I", len(b)) + b  # noqa: E731
+        try:
+            _, out = io.execute("rbd_directory", "rbd", "dir_get_id", enc(name.encode()))
+            stale_id = out[4:4 + struct.unpack("<I", out[:4])[0]]
+        except rados.ObjectNotFound:
+            stale_id = b""
+        if stale_id:
+            try:
+                io.stat(f"rbd_id.{name}")
+            except rados.ObjectNotFound:
+                log.warning("dropping the stale directory entry of %s/%s (id %s)", pool, name, stale_id.decode())
+                with contextlib.suppress(rados.ObjectNotFound):
+                    io.execute("rbd_directory", "rbd", "dir_remove_image", enc(name.encode()) + enc(stale_id))
         for entry in rbd.RBD().trash_list(io):
             if entry.get("name") == name and entry.get("source") == "REMOVING":
                 log.warning("finishing the interrupted removal of %s/%s (trash id %s)", pool, name, entry["id"])

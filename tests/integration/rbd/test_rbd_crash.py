@@ -149,4 +149,10 @@ def _describe(io, image: str) -> str:
         parts.append(f"rbd_id={io.read('rbd_id.' + image)!r}")
     except Exception as e:  # noqa: BLE001
         parts.append(f"no rbd_id: {type(e).__name__}")
+    import struct
+    try:
+        parts.append(f"directory id={io.execute('rbd_directory', 'rbd', 'dir_get_id', struct.pack('<I', len(image)) + image.encode())[1]!r}")
+    except Exception as e:  # noqa: BLE001
+        parts.append(f"not in directory: {type(e).__name__}")
+    parts.append(f"trash={[(t['name'], t['source']) for t in rbd.RBD().trash_list(io)]}")
     return "; ".join(parts)
