@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Cost of the FlexVolume shim, printed as figures and ratios (nothing asserts on time).
 
-    .venv/bin/python bench/bench_flex.py [--iterations 20] [--init-iterations 40] [--size-mib 64]
+    .venv/bin/python bench/bench_flex.py [--iterations 20] [--init-iterations 40] [--cold-iterations 6]
+                                         [--size-mib 64]
 
   init            wall time of `block init` as kubelet runs it (a new process each time): through the installed
                   launcher (`python -m flex.install`, shebang = venv python) and through the repo's `flex/block`
@@ -12,7 +13,8 @@
                     shim via agent        `mount DIR OPTS` through the installed launcher while the optional node
                                           agent (flex.agent) runs: the launcher forwards the call over a unix socket
                     gRPC                  NodeStageVolume + NodePublishVolume to a running `tessera-csi serve`
-                  ratio = shim / gRPC (target <= 1.2). Teardown (unmount[+unmountdevice] vs
+                  ratio = shim / gRPC (target <= 1.2). "cold" rows: a new blank volume each time, so the
+                  mount includes mkfs.ext4, as a pod's first mount of a new claim does. Teardown (unmount[+unmountdevice] vs
                   NodeUnpublish+NodeUnstage) is timed and printed the same way.
 Runs alternate shim and gRPC per iteration so machine drift hits both alike. Needs root.
 """
@@ -63,6 +65,7 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--init-iterations", type=int, default=40)
     ap.add_argument("--size-mib", type=int, default=64)
+    ap.add_argument("--cold-iterations", type=int, default=6)
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_flex needs root (loop devices, mounts)", file=sys.stderr)
@@ -175,6 +178,47 @@ def main() -> int:
         if "mount " not in open(os.path.join(work, "agent.log")).read():
             raise SystemExit("the agent answered no call: the 'via agent' figures are not what they claim")
         client.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=gvol.volume_id), timeout=60)
+
+        # cold: first mount of a blank volume (mkfs included)
+        c_af, c_ag, c_g = [], [], []
+        for i in range(a.cold_iterations):
+            for mode, sink in (("inproc", c_af), ("agent", c_ag)):
+                cvid, cvol = ops.create_volume(f"bench-cold-{mode}-{i}", size, 0,
+                                               [CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4")], {}, {})
+                copts = json.dumps({"kubernetes.io/fsType": "ext4", "kubernetes.io/readwrite": "rw",
+                                    "kubernetes.io/pvOrVolumeName": f"pv-cold-{mode}-{i}", "volumeID": cvid,
+                                    **cvol.context})
+                pod = os.path.join(kubelet, "pods", f"cold-{mode}-{i}", "volumes", "tessera~block", "pv")
+                os.makedirs(pod)
+                exe = launcher if mode == "inproc" else agent_launcher
+                sink.append(shim_call(exe, env, "mount", pod, copts))
+                shim_call(exe, env, "unmount", pod)
+                ops.delete_volume(cvid, {})
+            cg = client.controller.CreateVolume(pb.CreateVolumeRequest(
+                name=f"bench-cold-grpc-{i}", volume_capabilities=[mount_cap("ext4")],
+                capacity_range=pb.CapacityRange(required_bytes=size)), timeout=60).volume
+            stg = tempfile.mkdtemp(dir=work)
+            tgt = os.path.join(tempfile.mkdtemp(dir=work), "t")
+            t = time.perf_counter()
+            client.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+                volume_id=cg.volume_id, staging_target_path=stg, volume_capability=cap,
+                volume_context=cg.volume_context), timeout=120)
+            client.node.NodePublishVolume(pb.NodePublishVolumeRequest(
+                volume_id=cg.volume_id, staging_target_path=stg, target_path=tgt, volume_capability=cap,
+                volume_context=cg.volume_context), timeout=120)
+            c_g.append(time.perf_counter() - t)
+            client.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=cg.volume_id, target_path=tgt),
+                                            timeout=120)
+            client.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=cg.volume_id,
+                                                                      staging_target_path=stg), timeout=120)
+            client.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=cg.volume_id), timeout=60)
+        if a.cold_iterations:
+            line("cold mount: shim in-process", c_af)
+            line("cold mount: shim via agent", c_ag)
+            line("cold mount: gRPC Stage+Publish", c_g)
+            cg50 = statistics.median(c_g)
+            print(f"cold mount ratio p50 (shim/gRPC): in-process {statistics.median(c_af) / cg50:.2f}, "
+                  f"via agent {statistics.median(c_ag) / cg50:.2f}")
     finally:
         agent.terminate()
         agent.wait(30)
