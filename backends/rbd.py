@@ -824,7 +824,9 @@ class RbdBackend(Backend):
         if not _is_mountpoint(mnt):
             os.makedirs(mnt, exist_ok=True)
             log_file = os.path.join(self._node_dir(), f"rbd-fuse-{pool}.{image}.log")
-            argv = ["rbd-fuse", mnt, "-f", "-p", pool, "-r", image, "--log-file", log_file,
+            # attr_timeout=0: the kernel must not cache the file size, or a loop refresh after a resize sees the old one
+            argv = ["rbd-fuse", mnt, "-f", "-o", "attr_timeout=0,entry_timeout=0", "-p", pool, "-r", image,
+                    "--log-file", log_file,
                     *self._node_client_args(secrets)]
             with open(log_file + ".out", "ab") as out:
                 # A long-running daemon, not a command: it lives in its own session so a driver restart leaves
