@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -225,6 +224,8 @@ def main() -> int:
         client.close()
         server.stop()
         ops.delete_volume(vid, {})
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
