@@ -243,3 +243,19 @@ def test_full_pvc_to_mount_walk_with_provisioner(flexnode):
                               size="64Mi", volume_gone=gone)
     assert facts["capabilities"]["attach"] is False
     assert flexnode.mounts_under() == [] and _loops_for(flexnode.root) == []
+
+
+def test_failed_publish_undoes_the_staging_it_made(flexnode):
+    """mount stages first; when the bind mount then fails, the shim must not leave the device attached and mounted."""
+    k = flexnode.kubelet
+    ops, vid, pv = _provision(flexnode, "fail1")
+    parent = os.path.dirname(flexnode.pod_dir("p1", pv["metadata"]["name"]))
+    target = os.path.join(parent, "not-a-dir")
+    with open(target, "w") as f:
+        f.write("x")
+    a = k.call("mount", target, _kubelet_options(pv))
+    assert a.rc == 1 and "not a directory" in a.reply["message"], a.reply
+    assert flexnode.mounts_under() == [] and _loops_for(flexnode.root) == []
+    assert os.listdir(os.path.join(flexnode.state_dir, "flex", "mounts")) == []
+    assert not os.listdir(os.path.join(flexnode.state_dir, "node", "staged"))
+    ops.delete_volume(vid, {})
