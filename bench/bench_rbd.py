@@ -32,6 +32,9 @@ from backends.rbd import FEATURE_NAMES, _feature_bits  # noqa: E402
 from csi._pb import csi_pb2 as pb  # noqa: E402
 from tests.ceph.cluster import Cluster, bootstrap, start  # noqa: E402
 from tests.sanity.harness import Client, ServerProcess, mount_cap  # noqa: E402
+from tests.ceph.fixtures import CephInfo  # noqa: E402
+from tests.ceph.rbdutil import make_backend  # noqa: E402
+from backends.base import CapabilitySpec, CreateVolumeSpec  # noqa: E402
 
 SIZE = 1 << 30
 
@@ -81,7 +84,16 @@ def main() -> int:
             client.identity.Probe(pb.ProbeRequest(), timeout=60)
             floor.append(time.perf_counter() - s)
         g_create, g_delete, r_create, r_delete = [], [], [], []
+        b_create, b_delete = [], []
+        backend = make_backend(CephInfo.of(c), os.path.join(work, "inproc"), opTimeout=30, connectTimeout=10)
+        caps = [CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4")]
         for i in range(a.iterations):
+            s = time.perf_counter()
+            bv = backend.create_volume(CreateVolumeSpec(f"inproc-{i}", SIZE, 0, {}, {}, caps))
+            b_create.append(time.perf_counter() - s)
+            s = time.perf_counter()
+            backend.delete_volume(bv.local_id, {})
+            b_delete.append(time.perf_counter() - s)
             name = f"lat-{uuid.uuid4().hex[:12]}"
             s = time.perf_counter()
             v = ctl.CreateVolume(create_req(name), timeout=60).volume
@@ -99,8 +111,11 @@ def main() -> int:
         print(f"\nlatency, {a.iterations} sequential create+delete of {SIZE >> 20} MiB images (ms):")
         print(f"{'':18}{'p50':>8}{'p95':>8}")
         for label, xs in (("gRPC CreateVolume", g_create), ("raw rbd create", r_create),
-                          ("gRPC DeleteVolume", g_delete), ("raw rbd remove", r_delete)):
+                          ("gRPC DeleteVolume", g_delete), ("raw rbd remove", r_delete),
+                          ("backend create", b_create), ("backend delete", b_delete)):
             print(f"{label:18}{pct(xs, 50) * 1e3:8.2f}{pct(xs, 95) * 1e3:8.2f}")
+        print("(backend = RbdBackend called in this process, no gRPC: the driver's own librbd work)")
+        backend.close()
         print(f"{'gRPC Probe (floor)':18}{pct(floor, 50) * 1e3:8.2f}{pct(floor, 95) * 1e3:8.2f}")
         print(f"ratio create p50 {pct(g_create, 50) / pct(r_create, 50):.2f}  p95 "
               f"{pct(g_create, 95) / pct(r_create, 95):.2f}   (goal p50 <= 1.25)")
