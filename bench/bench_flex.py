@@ -12,6 +12,7 @@
                     shim, attach: true    `mountdevice GLOBAL DEV OPTS` + `mount DIR OPTS`
                     shim via agent        `mount DIR OPTS` through the installed launcher while the optional node
                                           agent (flex.agent) runs: the launcher forwards the call over a unix socket
+                    shim via agent, fast  the same through the compiled front door (flex/fastpath/block.c)
                     gRPC                  NodeStageVolume + NodePublishVolume to a running `tessera-csi serve`
                   ratio = shim / gRPC (target <= 1.2). "cold" rows: a new blank volume each time, so the
                   mount includes mkfs.ext4, as a pod's first mount of a new claim does. Teardown (unmount[+unmountdevice] vs
@@ -81,6 +82,10 @@ def main() -> int:
     agent_sock = os.path.join(work, "agent.sock")
     agent_launcher = install(os.path.join(work, "plugins-agent"), sys.executable, REPO, cfg, "bench-node",
                              os.path.join(work, "shim.log"), agent_sock)
+    from flex.install import build_fast_launcher
+    fast_launcher = install(os.path.join(work, "plugins-fast"), sys.executable, REPO, cfg, "bench-node",
+                            os.path.join(work, "shim.log"), agent_sock,
+                            build_fast_launcher(os.path.join(work, "block-fast")))
     repo_exe = os.path.join(REPO, "flex", "block")
 
     print(f"# bench_flex: {a.iterations} mount iterations, {a.init_iterations} init runs, {a.size_mib} MiB volumes")
@@ -119,8 +124,8 @@ def main() -> int:
             name="bench-grpc", volume_capabilities=[mount_cap("ext4")],
             capacity_range=pb.CapacityRange(required_bytes=size)), timeout=60).volume
         cap = mount_cap("ext4")
-        t_af, t_at, t_g, t_ag = [], [], [], []
-        d_af, d_at, d_g, d_ag = [], [], [], []
+        t_af, t_at, t_g, t_ag, t_fa = [], [], [], [], []
+        d_af, d_at, d_g, d_ag, d_fa = [], [], [], [], []
         for i in range(a.iterations + 1):
             pod = os.path.join(kubelet, "pods", f"p{i}", "volumes", "tessera~block", "pv-bench")
             os.makedirs(pod)
@@ -130,6 +135,9 @@ def main() -> int:
             # shim through the agent
             up3 = shim_call(agent_launcher, env, "mount", pod, opts)
             down3 = shim_call(agent_launcher, env, "unmount", pod)
+            os.makedirs(pod, exist_ok=True)
+            up4 = shim_call(fast_launcher, env, "mount", pod, opts)
+            down4 = shim_call(fast_launcher, env, "unmount", pod)
             os.makedirs(pod, exist_ok=True)
             # shim, attach: true
             g = os.path.join(kubelet, "plugins", "kubernetes.io", "flexvolume", "tessera", "block", "mounts",
@@ -158,30 +166,33 @@ def main() -> int:
             if i == 0:
                 continue  # the first round formats both volumes
             t_af.append(up), d_af.append(down), t_at.append(up2), d_at.append(down2), t_g.append(gu), d_g.append(gd)
-            t_ag.append(up3), d_ag.append(down3)
+            t_ag.append(up3), d_ag.append(down3), t_fa.append(up4), d_fa.append(down4)
         line("mount: shim attach:false (mount)", t_af)
         line("mount: shim attach:true (mdev+mount)", t_at)
         line("mount: shim via agent (mount)", t_ag)
+        line("mount: shim via agent, fast", t_fa)
         line("mount: gRPC Stage+Publish", t_g)
         line("teardown: shim attach:false", d_af)
         line("teardown: shim attach:true", d_at)
         line("teardown: shim via agent", d_ag)
+        line("teardown: shim via agent, fast", d_fa)
         line("teardown: gRPC Unpublish+Unstage", d_g)
         g50 = statistics.median(t_g)
         print(f"mount ratio p50 (shim/gRPC): attach:false {statistics.median(t_af) / g50:.2f}, "
-              f"attach:true {statistics.median(t_at) / g50:.2f}, via agent {statistics.median(t_ag) / g50:.2f} "
-              f"(target <= 1.2)")
+              f"attach:true {statistics.median(t_at) / g50:.2f}, via agent {statistics.median(t_ag) / g50:.2f}, "
+              f"via agent fast {statistics.median(t_fa) / g50:.2f} (target <= 1.2)")
         gd50 = statistics.median(d_g)
         print(f"teardown ratio p50 (shim/gRPC): attach:false {statistics.median(d_af) / gd50:.2f}, "
-              f"attach:true {statistics.median(d_at) / gd50:.2f}, via agent {statistics.median(d_ag) / gd50:.2f}")
+              f"attach:true {statistics.median(d_at) / gd50:.2f}, via agent {statistics.median(d_ag) / gd50:.2f}, "
+              f"via agent fast {statistics.median(d_fa) / gd50:.2f}")
         if "mount " not in open(os.path.join(work, "agent.log")).read():
             raise SystemExit("the agent answered no call: the 'via agent' figures are not what they claim")
         client.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=gvol.volume_id), timeout=60)
 
         # cold: first mount of a blank volume (mkfs included)
-        c_af, c_ag, c_g = [], [], []
+        c_af, c_ag, c_g, c_fa = [], [], [], []
         for i in range(a.cold_iterations):
-            for mode, sink in (("inproc", c_af), ("agent", c_ag)):
+            for mode, sink in (("inproc", c_af), ("agent", c_ag), ("fast", c_fa)):
                 cvid, cvol = ops.create_volume(f"bench-cold-{mode}-{i}", size, 0,
                                                [CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4")], {}, {})
                 copts = json.dumps({"kubernetes.io/fsType": "ext4", "kubernetes.io/readwrite": "rw",
@@ -189,7 +200,7 @@ def main() -> int:
                                     **cvol.context})
                 pod = os.path.join(kubelet, "pods", f"cold-{mode}-{i}", "volumes", "tessera~block", "pv")
                 os.makedirs(pod)
-                exe = launcher if mode == "inproc" else agent_launcher
+                exe = {"inproc": launcher, "agent": agent_launcher, "fast": fast_launcher}[mode]
                 sink.append(shim_call(exe, env, "mount", pod, copts))
                 shim_call(exe, env, "unmount", pod)
                 ops.delete_volume(cvid, {})
@@ -214,10 +225,11 @@ def main() -> int:
         if a.cold_iterations:
             line("cold mount: shim in-process", c_af)
             line("cold mount: shim via agent", c_ag)
+            line("cold mount: shim via agent, fast", c_fa)
             line("cold mount: gRPC Stage+Publish", c_g)
             cg50 = statistics.median(c_g)
             print(f"cold mount ratio p50 (shim/gRPC): in-process {statistics.median(c_af) / cg50:.2f}, "
-                  f"via agent {statistics.median(c_ag) / cg50:.2f}")
+                  f"via agent {statistics.median(c_ag) / cg50:.2f}, via agent fast {statistics.median(c_fa) / cg50:.2f}")
     finally:
         agent.terminate()
         agent.wait(30)

@@ -52,23 +52,52 @@ def launcher_text(python: str, root: str, config: str, node: str, log: str, agen
     return _TEMPLATE.format(python=python, root=root, config=config, node=node, log=log, agent=agent)
 
 
-def install(plugin_dir: str, python: str = sys.executable, root: str = REPO, config: str = "",
-            node: str = "", log: str = "", agent_socket: str = "") -> str:
-    """Write the launcher atomically; returns its path."""
-    target_dir = os.path.join(plugin_dir, "volume", "exec", DRIVER_DIR)
-    os.makedirs(target_dir, mode=0o755, exist_ok=True)
-    text = launcher_text(python, root, config, node, log, agent_socket)
-    fd, tmp = tempfile.mkstemp(prefix=".block-", dir=target_dir)
+FAST_SOURCE = os.path.join(REPO, "flex", "fastpath", "block.c")
+
+
+def _write_atomic(path: str, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".block-", dir=os.path.dirname(path))
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)
-        path = os.path.join(target_dir, EXECUTABLE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def build_fast_launcher(out: str, cc: str = "cc") -> str:
+    """Compile flex/fastpath/block.c, statically linked so it runs on any x86-64/arm64 host libc (image build step)."""
+    from backends.util import run
+    run([cc, "-O2", "-Wall", "-static", "-o", out, FAST_SOURCE], timeout=120)
+    return out
+
+
+def install(plugin_dir: str, python: str = sys.executable, root: str = REPO, config: str = "",
+            node: str = "", log: str = "", agent_socket: str = "", fast_launcher: str = "") -> str:
+    """Write the launcher atomically; returns the path kubelet runs. With `fast_launcher` (a built
+    flex/fastpath/block.c) that binary becomes `block`, forwarding to the agent, and the Python launcher
+    `block.py` next to it runs every call the agent does not answer."""
+    target_dir = os.path.join(plugin_dir, "volume", "exec", DRIVER_DIR)
+    os.makedirs(target_dir, mode=0o755, exist_ok=True)
+    text = launcher_text(python, root, config, node, log, agent_socket).encode()
+    path = os.path.join(target_dir, EXECUTABLE)
+    if not fast_launcher:
+        _write_atomic(path, text, 0o755)
+        for stale in ("block.py", "block.agent"):
+            if os.path.exists(os.path.join(target_dir, stale)):
+                os.unlink(os.path.join(target_dir, stale))
+        return path
+    if not agent_socket:
+        raise ValueError("--fast-launcher forwards to the node agent: give --agent-socket too")
+    # order matters: kubelet may run `block` at any moment, so what it falls back to exists before it does
+    _write_atomic(os.path.join(target_dir, "block.py"), text, 0o755)
+    _write_atomic(os.path.join(target_dir, "block.agent"),
+                  f"{agent_socket}\n{config or os.environ.get('TESSERA_CONFIG', '')}\n{node}\n".encode(), 0o644)
+    with open(fast_launcher, "rb") as f:
+        _write_atomic(path, f.read(), 0o755)
     return path
 
 
@@ -108,15 +137,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--log", default="", help="shim log file (default /var/log/tessera-flex.log)")
     p.add_argument("--agent-socket", default="", help="unix socket of the optional node agent (flex.agent); calls go "
                    "there when it answers, in-process otherwise")
+    p.add_argument("--fast-launcher", default="", help="a built flex/fastpath/block.c to install as `block` "
+                   "(needs --agent-socket)")
+    p.add_argument("--build-fast-launcher", metavar="OUT", default="", help="compile flex/fastpath/block.c to OUT "
+                   "and exit (image build step; needs a C compiler)")
     p.add_argument("--copy-runtime", nargs=2, metavar=("SRC", "DEST"), help="copy a runtime tree to the host first")
     p.add_argument("--copy-config", nargs=2, metavar=("SRC", "DEST"), help="copy the config file to the host first")
     p.add_argument("--wait", action="store_true", help="after installing, sleep until SIGTERM (DaemonSet)")
     a = p.parse_args(argv)
+    if a.build_fast_launcher:
+        print(f"built {build_fast_launcher(a.build_fast_launcher)}")
+        return 0
     if a.copy_runtime:
         copy_tree_atomic(*a.copy_runtime)
     if a.copy_config:
         copy_file_atomic(*a.copy_config)
-    path = install(a.plugin_dir, a.python, a.code_root, a.config, a.node_name, a.log, a.agent_socket)
+    path = install(a.plugin_dir, a.python, a.code_root, a.config, a.node_name, a.log, a.agent_socket, a.fast_launcher)
     print(f"installed {path}", flush=True)
     if a.wait:
         import signal

@@ -105,3 +105,49 @@ def test_agent_for_another_config_is_not_used(flexnode, agent_factory):
     assert k.call("unmount", d).ok
     assert " -> " not in open(os.path.join(flexnode.root, "agent-0.log")).read()
     ops.delete_volume(vid, {})
+
+
+@pytest.fixture(scope="module")
+def fast_binary(tmp_path_factory):
+    import shutil
+    from flex.install import build_fast_launcher
+    if not shutil.which("cc"):
+        pytest.fail("MISSING: a C compiler (cc) to build flex/fastpath/block.c")
+    return build_fast_launcher(str(tmp_path_factory.mktemp("fast") / "block"))
+
+
+def test_fast_launcher_forwards_to_the_agent_and_falls_back(flexnode, agent_factory, fast_binary):
+    sock = os.path.join(flexnode.root, "agent.sock")
+    path = install(os.path.join(flexnode.root, "plugins"), sys.executable, REPO, flexnode.config, "flex-node",
+                   flexnode.log, sock, fast_binary)
+    assert sorted(os.listdir(os.path.dirname(path))) == ["block", "block.agent", "block.py"]
+    k = Kubelet(flexnode.config, flexnode.log, exe=path)
+    k.env.pop("TESSERA_CONFIG")
+    # no agent yet: everything runs through block.py
+    assert k.ok("init")["capabilities"]["attach"] is False
+    ops, vid, pv = _provision(flexnode, "fast1")
+    name = pv["metadata"]["name"]
+    d0 = flexnode.pod_dir("p0", name)
+    assert k.call("mount", d0, kubelet_options(pv, "p0")).ok
+    assert k.call("unmount", d0).ok
+    agent_factory(flexnode.config, sock)
+    d1 = flexnode.pod_dir("p1", name)
+    assert k.call("mount", d1, kubelet_options(pv, "p1")).ok
+    assert k.call("unmount", d1).ok
+    a = k.call("getvolumename", kubelet_options(pv))
+    assert a.reply["status"] == "Not supported" and a.rc == 1
+    assert k.ok("init")["capabilities"]["attach"] is False  # init never goes to the agent
+    log = open(os.path.join(flexnode.root, "agent-0.log")).read()
+    assert f"mount {d1} <options> -> Success" in log and f"unmount {d1} -> Success" in log
+    assert "getvolumename" in log and f"mount {d0}" not in log and "init" not in log
+    ops.delete_volume(vid, {})
+
+
+def test_fast_launcher_without_agent_settings_falls_back(flexnode, fast_binary):
+    path = install(os.path.join(flexnode.root, "plugins"), sys.executable, REPO, flexnode.config, "flex-node",
+                   flexnode.log, os.path.join(flexnode.root, "none.sock"), fast_binary)
+    os.unlink(os.path.join(os.path.dirname(path), "block.agent"))
+    k = Kubelet(flexnode.config, flexnode.log, exe=path)
+    assert k.ok("init")["status"] == "Success"
+    a = k.call("unmount", flexnode.pod_dir("p9", "x"))
+    assert a.ok and "nothing to unmount" in a.reply["message"]
