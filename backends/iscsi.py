@@ -1,0 +1,432 @@
+"""Shared block storage over iSCSI: a Linux target host exports each volume, nodes log in with os-brick.
+
+This is Cinder's LVM-iSCSI design in CSI form:
+- Controller (runs on the target host): the backing store (`iscsi_store`: sparse files or LVs through the LVM
+  backend's code) holds the bytes and the metadata; the target driver (`iscsi_targets`: LIO or tgt) exports each
+  volume as its own target `<iqnPrefix>:<local id>` with the volume on LUN 0 (LIO) or LUN 1 (tgt, whose LUN 0 is
+  its controller device). Creating a volume exports it with no ACL, so nobody can log in until it is published.
+- ControllerPublishVolume adds an ACL for the node's initiator IQN. The IQN reaches the controller *inside the CSI
+  node ID*: the node plugin's `node_attributes()` reports `{"iqn": ...}` and the core encodes it as
+  `<node>?iqn=<iqn>` (csi/ids.py NodeRef) - NodeGetInfo's node ID is the only node data ControllerPublish receives,
+  and topology would make every volume's accessibility depend on initiator names.
+- CHAP (on by default): per-volume credentials, user = the volume's local id, password = HMAC-SHA256(controller key,
+  volume id) in base32, so a retried publish returns the same secret without storing it anywhere readable. The key
+  is `chapKeyFile` (created with 32 random bytes, mode 0600, when missing). The credentials go only into the
+  publish context (a CSI secret-free map, but one nothing in Tessera logs); never into the volume context or logs.
+- Node: os-brick's ISCSIConnector logs in (CHAP from the publish context) and returns the SCSI disk; detach lets
+  os-brick remove the device and log out of the session only when no other device uses it. With one target per
+  volume each volume has its own session, so two volumes never share one; os-brick's rule still matters for the
+  multipath case (several portals → several sessions, all left to os-brick).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets as _secrets
+import threading
+import time
+from typing import Any, Iterable, Literal, Mapping, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
+                   ALL_MODES, Snapshot, Volume, object_uuid)
+from .errors import (BackendUnavailable, FailedPrecondition, InUse, InvalidArgument, NotFound, OutOfRange,
+                     TesseraError)
+from .iscsi_store import SNAPSHOT_PREFIX, VOLUME_PREFIX, FileStore, LvmStore, Obj, Store, now
+from .iscsi_targets import Chap, LioDriver, Portal, TargetDriver, TgtDriver
+
+log = logging.getLogger(__name__)
+
+_IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?|eui\.[0-9A-Fa-f]{16})$")
+
+
+class FileStoreOptions(BackendOptions):
+    directory: str = Field(description="directory for the sparse volume files (created if missing)")
+
+    @field_validator("directory")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not os.path.isabs(v):
+            raise ValueError("must be an absolute path")
+        return os.path.normpath(v)
+
+
+class LvmStoreOptions(BackendOptions):
+    volumeGroup: str = Field(description="volume group holding the volumes' LVs")
+    thinPool: Optional[str] = Field(None, description="thin pool in the VG (needed for snapshots)")
+
+
+class BackingStore(BackendOptions):
+    file: Optional[FileStoreOptions] = None
+    lvm: Optional[LvmStoreOptions] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "BackingStore":
+        if (self.file is None) == (self.lvm is None):
+            raise ValueError("set exactly one of file or lvm")
+        return self
+
+
+class IscsiOptions(BackendOptions):
+    portals: list[str] = Field(min_length=1, description="host:port the target listens on, first = primary")
+    iqnPrefix: str = Field(description="target IQN prefix; a volume's target is <iqnPrefix>:<volume local id>")
+    targetDriver: Literal["lio", "tgt"] = "lio"
+    tgtControlPort: Optional[int] = Field(None, ge=0, le=65535, description="tgtd control port (tgtadm -C)")
+    backingStore: BackingStore
+    chap: bool = Field(True, description="per-volume CHAP credentials generated at ControllerPublish")
+    chapKeyFile: Optional[str] = Field(None, description="HMAC key for CHAP secrets; default <stateDir>/iscsi-<backend>.key")
+    multipath: bool = Field(False, description="node: log in to every portal and use dm-multipath")
+    forceDelete: bool = Field(False, description="delete volumes even while an initiator is logged in")
+    initiatorName: Optional[str] = Field(None, description="node: initiator IQN (default /etc/iscsi/initiatorname.iscsi)")
+    commandTimeout: float = Field(60.0, gt=0)
+
+    @field_validator("iqnPrefix")
+    @classmethod
+    def _iqn(cls, v: str) -> str:
+        if not _IQN_RE.match(v) or len(v) > 180:
+            raise ValueError("must be an iqn.YYYY-MM.reverse.domain[:name] IQN")
+        return v
+
+    @field_validator("portals")
+    @classmethod
+    def _portals(cls, v: list[str]) -> list[str]:
+        for p in v:
+            parse_portal(p)
+        return v
+
+
+def parse_portal(text: str) -> Portal:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return Portal(text, 3260)
+    if not port.isdigit() or not host:
+        raise ValueError(f"portal {text!r} is not host:port")
+    return Portal(host.strip("[]"), int(port))
+
+
+class IscsiBackend(Backend):
+    type_name = "iscsi"
+    options_model = IscsiOptions
+    options: IscsiOptions
+
+    def __init__(self, name: str, options: IscsiOptions, runtime: Any) -> None:
+        super().__init__(name, options, runtime)
+        self.portals = [parse_portal(p) for p in options.portals]
+        self._store: Optional[Store] = None
+        self._driver: Optional[TargetDriver] = None
+        self._connector: Any = None
+        self._lock = threading.Lock()
+
+    # ---- parts, made lazily: a node plugin never needs the target or the store --------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            bs = self.options.backingStore
+            if bs.file is not None:
+                self._store = FileStore(bs.file.directory)
+            else:
+                assert bs.lvm is not None
+                self._store = LvmStore(bs.lvm.volumeGroup, bs.lvm.thinPool, timeout=self.options.commandTimeout)
+        return self._store
+
+    @property
+    def driver(self) -> TargetDriver:
+        if self._driver is None:
+            if self.options.targetDriver == "tgt":
+                self._driver = TgtDriver(self.options.tgtControlPort, timeout=self.options.commandTimeout)
+            else:
+                self._driver = LioDriver()
+        return self._driver
+
+    @property
+    def lun(self) -> int:
+        return 1 if self.options.targetDriver == "tgt" else 0
+
+    def features(self) -> Features:
+        snaps = self.options.backingStore.file is not None or bool(
+            self.options.backingStore.lvm and self.options.backingStore.lvm.thinPool)
+        # LIO's fileio backstore fixes its size at creation: growing it means re-creating it, which only an
+        # unpublished volume tolerates.
+        online = not (self.options.targetDriver == "lio" and self.options.backingStore.file is not None)
+        return Features(snapshots=snaps, clones=True, expand=True, online_expand=online, controller_publish=True,
+                        access_modes=ALL_MODES)
+
+    def allocation_unit(self) -> int:
+        return self.store.allocation_unit()
+
+    def validate_parameters(self, parameters: Mapping[str, str]) -> None:
+        if parameters:
+            raise InvalidArgument(f"the iscsi backend takes no StorageClass parameters; got {', '.join(sorted(parameters))}")
+
+    def probe(self) -> None:
+        self.store.probe()
+        self.driver.probe()
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+    def iqn(self, local_id: str) -> str:
+        return f"{self.options.iqnPrefix}:{local_id}"
+
+    def _context(self, local_id: str) -> dict[str, str]:
+        return {"targetIqn": self.iqn(local_id), "targetPortals": ",".join(str(p) for p in self.portals),
+                "lun": str(self.lun)}
+
+    def _volume(self, o: Obj) -> Volume:
+        m = o.meta
+        src = None
+        if ":" in m.get("source", ""):
+            kind, _, sid = m["source"].partition(":")
+            src = ContentSource(kind, sid)  # type: ignore[arg-type]
+        params = {k[2:]: v for k, v in m.items() if k.startswith("p.")}
+        abnormal, msg = (True, "creation did not finish; a retried CreateVolume redoes it") if o.pending else (False, "")
+        return Volume(local_id=o.local_id, capacity_bytes=o.size, name=m.get("name", ""),
+                      context=self._context(o.local_id), parameters=params, source=src,
+                      abnormal=abnormal, condition_message=msg)
+
+    def _snapshot(self, o: Obj) -> Snapshot:
+        try:
+            ctime = float(o.meta.get("ctime", "0"))
+        except ValueError:
+            ctime = 0.0
+        return Snapshot(local_id=o.local_id, source_volume_local_id=o.meta.get("of", ""), size_bytes=o.size,
+                        creation_time=ctime, ready_to_use=not o.pending, name=o.meta.get("name", ""))
+
+    def _find(self, local_id: str, prefix: str) -> Optional[Obj]:
+        if not local_id.startswith(prefix):
+            return None
+        o = self.store.find(local_id)
+        if o is None or o.meta.get("kind") != ("volume" if prefix == VOLUME_PREFIX else "snapshot"):
+            return None
+        return o
+
+    def _export(self, o: Obj) -> None:
+        self.driver.ensure_target(self.iqn(o.local_id), self.store.export_path(o.local_id), o.size, self.portals,
+                                  self.options.chap)
+
+    # ---- controller -------------------------------------------------------------------------------------------
+    def create_volume(self, spec: CreateVolumeSpec) -> Volume:
+        local_id = VOLUME_PREFIX + object_uuid(self.runtime.driver_name, spec.name)
+        o = self._find(local_id, VOLUME_PREFIX)
+        if o is None or o.pending:
+            src_id = None
+            if spec.source is not None:
+                prefix = SNAPSHOT_PREFIX if spec.source.kind == "snapshot" else VOLUME_PREFIX
+                src = self._find(spec.source.local_id, prefix)
+                if src is None:
+                    raise NotFound(f"source {spec.source.kind} {self.name}:{spec.source.local_id} does not exist")
+                if spec.size_bytes < src.size:
+                    raise OutOfRange(f"requested {spec.size_bytes} bytes is smaller than the source "
+                                     f"{spec.source.kind} ({src.size} bytes)")
+                if spec.limit_bytes and src.size > spec.limit_bytes:
+                    raise OutOfRange(f"the source {spec.source.kind} ({src.size} bytes) exceeds limit_bytes")
+                src_id = src.local_id
+            meta = {"kind": "volume", "name": spec.name, "ctime": now(),
+                    **{"p." + k: v for k, v in spec.parameters.items()}}
+            if spec.source is not None:
+                meta["source"] = f"{spec.source.kind}:{spec.source.local_id}"
+            o = self.store.create(local_id, spec.size_bytes, meta, source=src_id)
+        self._export(o)  # exported with no ACL: nobody gets in before ControllerPublish
+        return self._volume(o)
+
+    def delete_volume(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        if not local_id.startswith(VOLUME_PREFIX):
+            return
+        iqn = self.iqn(local_id)
+        st = self.driver.state(iqn)
+        if st is not None and st.sessions and not self.options.forceDelete:
+            raise InUse(f"volume {self.name}:{local_id} is still in use: initiator(s) {', '.join(st.sessions)} are "
+                        "logged in to its target; unpublish it first (or set forceDelete)")
+        self.driver.remove_target(iqn)
+        if self.store.find(local_id) is not None:
+            self.store.delete(local_id)
+
+    def get_volume(self, local_id: str, secrets: Mapping[str, str]) -> Volume:
+        o = self._find(local_id, VOLUME_PREFIX)
+        if o is None:
+            raise NotFound(f"volume {self.name}:{local_id} does not exist")
+        return self._volume(o)
+
+    def list_volumes(self, secrets: Mapping[str, str]) -> Iterable[Volume]:
+        return [self._volume(o) for o in self.store.list(VOLUME_PREFIX) if o.meta.get("kind") == "volume"]
+
+    def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
+        avail, maximum = self.store.capacity()
+        return Capacity(available_bytes=avail, maximum_volume_size=maximum)
+
+    def expand_volume(self, local_id: str, size_bytes: int, secrets: Mapping[str, str]) -> tuple[int, bool]:
+        o = self._find(local_id, VOLUME_PREFIX)
+        if o is None:
+            raise NotFound(f"volume {self.name}:{local_id} does not exist")
+        if o.size >= size_bytes:
+            return o.size, True
+        iqn = self.iqn(local_id)
+        if not self.features().online_expand:
+            st = self.driver.state(iqn)
+            if st is not None and (st.acls or st.sessions):
+                raise FailedPrecondition(f"volume {self.name}:{local_id} is published; LIO file-backed volumes "
+                                         "grow only while unpublished")
+        new = self.store.resize(local_id, size_bytes)
+        if self.driver.state(iqn) is not None:
+            self.driver.refresh_size(iqn, self.store.export_path(local_id), new)
+        return new, True
+
+    # ---- snapshots --------------------------------------------------------------------------------------------
+    def create_snapshot(self, source_local_id: str, name: str, parameters: Mapping[str, str],
+                        secrets: Mapping[str, str]) -> Snapshot:
+        if parameters:
+            raise InvalidArgument(f"the iscsi backend takes no snapshot parameters; got {', '.join(sorted(parameters))}")
+        local_id = SNAPSHOT_PREFIX + object_uuid(self.runtime.driver_name, "snapshot/" + name)
+        o = self._find(local_id, SNAPSHOT_PREFIX)
+        if o is not None and not o.pending:
+            return self._snapshot(o)
+        if self._find(source_local_id, VOLUME_PREFIX) is None:
+            raise NotFound(f"volume {self.name}:{source_local_id} does not exist")
+        if o is not None:
+            self.store.delete(local_id)
+        o = self.store.snapshot(source_local_id, local_id,
+                                {"kind": "snapshot", "name": name, "of": source_local_id, "ctime": now()})
+        return self._snapshot(o)
+
+    def delete_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        if self._find(local_id, SNAPSHOT_PREFIX) is not None:
+            self.store.delete(local_id)
+
+    def get_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> Snapshot:
+        o = self._find(local_id, SNAPSHOT_PREFIX)
+        if o is None:
+            raise NotFound(f"snapshot {self.name}:{local_id} does not exist")
+        return self._snapshot(o)
+
+    def list_snapshots(self, secrets: Mapping[str, str]) -> Iterable[Snapshot]:
+        return [self._snapshot(o) for o in self.store.list(SNAPSHOT_PREFIX) if o.meta.get("kind") == "snapshot"]
+
+    # ---- publish ----------------------------------------------------------------------------------------------
+    def _chap_key(self) -> bytes:
+        path = self.options.chapKeyFile or os.path.join(self.runtime.state_dir, f"iscsi-{self.name}.key")
+        with self._lock:
+            try:
+                with open(path, "rb") as f:
+                    key = f.read()
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                key = _secrets.token_bytes(32)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(key)
+                    os.fsync(f.fileno())
+        if len(key) < 16:
+            raise FailedPrecondition(f"CHAP key file {path} holds fewer than 16 bytes")
+        return key
+
+    def chap_for(self, local_id: str) -> Chap:
+        """The volume's CHAP credentials (deterministic: a retried publish returns the same ones)."""
+        digest = hmac.new(self._chap_key(), b"tessera-iscsi-chap/" + local_id.encode(), hashlib.sha256).digest()
+        password = base64.b32encode(digest[:15]).decode().lower()  # 24 chars, fits every initiator's 12..16+ rule
+        return Chap(user=local_id, password=password)
+
+    def controller_publish(self, local_id: str, node: Any, readonly: bool, capability: Any,
+                           context: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str, str]:
+        initiator = (node.attributes or {}).get("iqn", "")
+        if not initiator:
+            raise FailedPrecondition(f"node {node.name} reported no iSCSI initiator IQN in its node ID; run the node "
+                                     "plugin with the iscsi backend configured (it adds ?iqn=... to the node ID)")
+        if not _IQN_RE.match(initiator):
+            raise InvalidArgument(f"node {node.name}: {initiator!r} is not an iSCSI initiator name")
+        o = self._find(local_id, VOLUME_PREFIX)
+        if o is None:
+            raise NotFound(f"volume {self.name}:{local_id} does not exist")
+        self._export(o)  # re-creates the export after a tgtd restart / target host reboot
+        chap = self.chap_for(local_id) if self.options.chap else None
+        self.driver.add_acl(self.iqn(local_id), initiator, chap)
+        pc = {"lun": str(self.lun)}
+        if chap is not None:
+            pc.update({"chapUser": chap.user, "chapPassword": chap.password})
+        return pc
+
+    def controller_unpublish(self, local_id: str, node: Any, secrets: Mapping[str, str]) -> None:
+        if not local_id.startswith(VOLUME_PREFIX):
+            return
+        initiator = None if node is None else (node.attributes or {}).get("iqn")
+        if node is not None and not initiator:
+            return  # such a node can never have been granted access
+        self.driver.remove_acl(self.iqn(local_id), initiator)
+
+    # ---- node -------------------------------------------------------------------------------------------------
+    def node_attributes(self) -> dict[str, str]:
+        return {"iqn": self.initiator_name()}
+
+    def initiator_name(self) -> str:
+        if self.options.initiatorName:
+            return self.options.initiatorName
+        try:
+            with open("/etc/iscsi/initiatorname.iscsi") as f:
+                for line in f:
+                    key, sep, value = line.strip().partition("=")
+                    if sep and key.strip() == "InitiatorName" and value.strip():
+                        return value.strip()
+        except FileNotFoundError:
+            pass
+        raise BackendUnavailable("no iSCSI initiator name: install open-iscsi (/etc/iscsi/initiatorname.iscsi) "
+                                 "or set initiatorName in the iscsi backend config")
+
+    def _os_brick(self) -> Any:
+        with self._lock:
+            if self._connector is None:
+                from .iscsi_node import make_connector
+                self._connector = make_connector(self.runtime.state_dir, self.options.multipath)
+        return self._connector
+
+    def _properties(self, local_id: str, context: Mapping[str, str], lun: int) -> dict[str, Any]:
+        portals = [p for p in context.get("targetPortals", "").split(",") if p] or [str(p) for p in self.portals]
+        iqn = context.get("targetIqn") or self.iqn(local_id)
+        return {"target_portal": portals[0], "target_iqn": iqn, "target_lun": lun,
+                "target_portals": portals, "target_iqns": [iqn] * len(portals), "target_luns": [lun] * len(portals),
+                "volume_id": local_id, "discard": True}
+
+    def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],
+                    secrets: Mapping[str, str]) -> Attachment:
+        lun = int(publish_context.get("lun") or context.get("lun") or self.lun)
+        props = self._properties(local_id, context, lun)
+        auth = dict(props)
+        if publish_context.get("chapUser"):
+            auth.update({"auth_method": "CHAP", "auth_username": publish_context["chapUser"],
+                         "auth_password": publish_context.get("chapPassword", "")})
+        t0 = time.monotonic()
+        try:
+            info = self._os_brick().connect_volume(auth)
+        except TesseraError:
+            raise
+        except Exception as e:  # os-brick raises its own types; never echo the properties (they hold the secret)
+            raise BackendUnavailable(f"iSCSI login to {props['target_iqn']} failed: {type(e).__name__}: "
+                                     f"{_scrub(str(e), auth)}") from None
+        log.info("iscsi attach %s: %s in %.2fs", local_id, info.get("path"), time.monotonic() - t0)
+        # the stage record keeps what detach needs; no credentials (logout needs none)
+        return Attachment(device=info["path"], data={"properties": props, "device_info": {
+            k: v for k, v in info.items() if isinstance(v, (str, int, bool))}})
+
+    def node_detach(self, local_id: str, attachment: Attachment) -> None:
+        props = attachment.data.get("properties") or self._properties(local_id, {}, self.lun)
+        info = attachment.data.get("device_info") or {"path": attachment.device}
+        try:
+            self._os_brick().disconnect_volume(props, info)
+        except Exception as e:
+            raise BackendUnavailable(f"iSCSI detach of {props.get('target_iqn')} failed: {type(e).__name__}: {e}") from None
+
+    def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
+        props = attachment.data.get("properties") or self._properties(local_id, {}, self.lun)
+        try:
+            self._os_brick().extend_volume(props)
+        except Exception as e:
+            raise BackendUnavailable(f"iSCSI rescan of {props.get('target_iqn')} failed: {type(e).__name__}: {e}") from None
+
+
+def _scrub(text: str, props: Mapping[str, Any]) -> str:
+    pw = props.get("auth_password")
+    return text.replace(pw, "***") if pw else text
+
+
+BACKEND = IscsiBackend
