@@ -17,8 +17,8 @@ from csi.cli import parser as cli_parser
 from csi.config import parse_config
 
 from . import backend_facts as bf
-from .k8s import (Doc, address_port, container, containers, flag, of_kind, pod_spec, port_of, substitute_env,
-                  volume_for_mount)
+from .k8s import (Doc, address_port, container, containers, flag, of_kind, pod_spec, port_of,  # noqa: F401
+                  substitute_env, volume_for_mount)
 
 PLUGIN = "tessera-csi"
 SOCKET_MOUNT = posixpath.dirname(constants.CONTROLLER_SOCKET_PATH)  # /csi in every pod
@@ -229,5 +229,5 @@ def storage_class_types(docs: list[Doc], configs: dict[str, str]) -> set[str]:
     return {backends[sc.obj["parameters"][constants.PARAM_BACKEND]] for sc in of_kind(docs, "StorageClass")}
 
 
-__all__ = ["check_install", "check_snapshot_classes", "check_storage_classes", "configmaps_of",
-           "storage_class_types", "os"]
+__all__ = ["check_install", "check_snapshot_classes", "check_storage_classes", "configmaps_of", "container",
+           "parse_config", "pod_spec", "posixpath", "storage_class_types", "volume_for_mount", "os"]

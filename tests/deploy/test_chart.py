@@ -130,3 +130,17 @@ def test_helm_lint_is_clean() -> None:
         report = helm_python.lint(str(CHART_DIR), copy.deepcopy(values), strict=True, namespace="tessera-csi")
         problems = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + report.get("errors", [])
         assert not problems, f"{case}: {problems}"
+
+
+def test_iscsi_values_mount_the_chap_key_the_config_names() -> None:
+    docs = rendered("values-iscsi")
+    cfg = checks.parse_config(yaml.safe_load(checks.configmaps_of(docs)["tessera-config"]), "config")
+    ctrl = next(d for d in checks.plugin_workloads(docs) if checks.role(d) == "controller")
+    plugin = container(ctrl, "tessera-csi")
+    assert plugin["securityContext"]["privileged"] is True and ctrl.obj["spec"]["template"]["spec"]["hostNetwork"]
+    assert ctrl.obj["spec"]["strategy"]["type"] == "Recreate"
+    key = cfg.backends["iscsi"].options.chapKeyFile
+    vol = checks.volume_for_mount(ctrl, plugin, key)
+    secret = next(d for d in of_kind(docs, "Secret") if d.name == vol["secret"]["secretName"])
+    assert checks.posixpath.basename(key) in secret.obj["stringData"]
+    assert checks.volume_for_mount(ctrl, plugin, "/sys/kernel/config")["hostPath"]["path"] == "/sys"

@@ -17,7 +17,7 @@ ALL_DOCS = manifest_docs()
 OBJECTS = [d for d in ALL_DOCS if not is_kustomization(d)]
 COMMON = manifest_docs(KUBE_DIR / "common")
 STORAGECLASSES = manifest_docs(KUBE_DIR / "storageclasses")
-OWN_DIRS = ("common", "shared", "node-local", "storageclasses")
+OWN_DIRS = ("common", "shared", "iscsi-target", "node-local", "storageclasses")
 
 
 def test_manifests_found() -> None:
@@ -68,10 +68,28 @@ def _node_local_install() -> list[Doc]:
     return [d for d in docs if not is_kustomization(d)]
 
 
-def test_shared_install_is_consistent_with_the_code() -> None:
-    docs = [d for d in COMMON + manifest_docs(KUBE_DIR / "shared") if not is_kustomization(d)]
+@pytest.mark.parametrize("variant", ["shared", "iscsi-target"])
+def test_shared_install_is_consistent_with_the_code(variant: str) -> None:
+    docs = [d for d in COMMON + manifest_docs(KUBE_DIR / variant) if not is_kustomization(d)]
     checks.check_install(docs, attach_required=True)
     assert of_kind(docs, "CSIDriver")[0].name == constants.DRIVER_NAME
+
+
+def test_iscsi_target_controller_reads_the_chap_key_the_config_names() -> None:
+    """The config's chapKeyFile is the Secret-mounted key: a rescheduled controller derives the same CHAP secrets."""
+    cfg = checks.parse_config(yaml.safe_load(checks.configmaps_of(COMMON)["tessera-csi-config"]), "config")
+    iscsi = [b for b in cfg.backends.values() if b.type == "iscsi"]
+    assert iscsi, "the example config has an iscsi backend"
+    ctrl = next(d for d in manifest_docs(KUBE_DIR / "iscsi-target") if d.kind == "Deployment")
+    plugin = checks.container(ctrl, "tessera-csi")
+    assert plugin["securityContext"]["privileged"] is True and checks.pod_spec(ctrl)["hostNetwork"] is True
+    for b in iscsi:
+        key = b.options.chapKeyFile
+        vol = checks.volume_for_mount(ctrl, plugin, key)
+        assert vol and "secret" in vol, f"{key} is not mounted from a Secret"
+        secret = next(d for d in COMMON if d.kind == "Secret" and d.name == vol["secret"]["secretName"])
+        assert checks.posixpath.basename(key) in secret.obj["stringData"]
+        assert checks.volume_for_mount(ctrl, plugin, "/sys/kernel/config")["hostPath"]["path"] == "/sys"
 
 
 def test_node_local_install_is_consistent_with_the_code() -> None:
