@@ -14,13 +14,19 @@ from typing import Any
 
 def make_connector(state_dir: str, multipath: bool) -> Any:
     from oslo_concurrency import lockutils
-    from oslo_privsep import priv_context
+    import os_brick.privileged
 
+    # iscsiadm locks its node database under /run/lock/iscsi; open-iscsi's tmpfiles.d makes it at boot, but a
+    # container (or a node booted without systemd) starts with an empty /run.
+    os.makedirs("/run/lock/iscsi", exist_ok=True)
     lock_dir = os.path.join(state_dir, "iscsi-locks")
     os.makedirs(lock_dir, exist_ok=True)
     lockutils.set_defaults(lock_dir)
-    priv_context.set_client_mode(False)
+    os_brick.privileged.default.set_client_mode(False)  # we are root already: no privsep-helper daemon
     # os-brick's debug logs carry connection properties (it masks passwords, but keep them out regardless)
     logging.getLogger("os_brick").setLevel(logging.INFO)
+    import os_brick
+    from oslo_config import cfg
+    os_brick.setup(cfg.CONF)
     from os_brick.initiator.connectors.iscsi import ISCSIConnector
     return ISCSIConnector(root_helper="", use_multipath=multipath, device_scan_attempts=5)

@@ -13,6 +13,7 @@ storage (file or LV) is the only state that matters.
 from __future__ import annotations
 
 import abc
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -249,6 +250,9 @@ class LioDriver(TargetDriver):
     @staticmethod
     def _rts():  # type: ignore[no-untyped-def]
         import rtslib_fb
+        # RTSRoot() points LIO's dbroot (persistent reservations, ALUA state) at this directory and fails when it
+        # is missing, which it is on hosts without targetcli installed.
+        os.makedirs("/etc/rtslib-fb-target", exist_ok=True)
         return rtslib_fb
 
     def _fabric(self):  # type: ignore[no-untyped-def]
