@@ -23,7 +23,7 @@ from .k8s import (Doc, address_port, container, containers, flag, of_kind, pod_s
 PLUGIN = "tessera-csi"
 SOCKET_MOUNT = posixpath.dirname(constants.CONTROLLER_SOCKET_PATH)  # /csi in every pod
 CSI_ADDRESS = constants.CONTROLLER_SOCKET_PATH                      # what every sidecar dials
-NODE_HOST_PATHS = ("/dev", "/sys", "/run/udev", "/lib/modules", "/etc/iscsi", "/var/lib/iscsi")
+NODE_HOST_PATHS = ("/dev", "/sys", "/run/udev", "/lib/modules", "/etc/iscsi", "/var/lib/iscsi", "/run/lock/lvm")
 # Backend types whose volumes live on one node (Features.node_local in backends/file.py and backends/lvm.py).
 NODE_LOCAL_TYPES = frozenset({"file", "lvm"})
 
