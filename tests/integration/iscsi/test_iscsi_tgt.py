@@ -12,7 +12,7 @@ from backends.errors import FailedPrecondition, InUse
 from backends.iscsi import IscsiBackend
 from csi.ids import NodeRef, parse_node_id
 
-from .conftest import PREFIX, Tgtd, iscsi_tool, lun_url, make_backend
+from tests.integration.iscsi.tgt import PREFIX, Tgtd, iscsi_tool, lun_url, make_backend
 
 pytestmark = pytest.mark.iscsi
 
