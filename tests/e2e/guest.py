@@ -13,7 +13,7 @@ Guests (`TESSERA_GUEST`, or `--kind`):
   guest RAM in a file on /dev/shm (TMPDIR); `uml_dir=`/`umid=` keep its control socket out of ~/.uml.
 - `qemu`: QEMU booting Debian's linux-image-amd64 with a generated busybox initramfs that mounts the host root over
   9p. TCG unless the host has a working KVM (kvm_intel/kvm_amd loaded; `/dev/kvm` alone is not enough — PVM-style
-  KVM fails on stock kernels). Disks are virtio: /dev/vdb, /dev/vdc, ...
+  KVM fails on stock kernels). Disks are virtio: /dev/vda, /dev/vdb, ... (no root disk)
 The output says which ran ("tessera-guest: kind=uml" / "kind=qemu-tcg" / "kind=qemu-kvm").
 
 UML and big XSAVE areas: UML 6.1 moves FPU state with PTRACE_SETREGSET(NT_X86_XSTATE) using a fixed-size buffer;
