@@ -28,6 +28,35 @@ NODE_HOST_PATHS = ("/dev", "/sys", "/run/udev", "/lib/modules", "/etc/iscsi", "/
 NODE_LOCAL_TYPES = frozenset({"file", "lvm"})
 
 
+# The flags of the pinned sidecar releases that the deploy files may use (from each sidecar's documented flags).
+# A flag outside this list is a typo or a flag of another release: the sidecar would exit at start.
+_COMMON = {"--csi-address", "--v", "--timeout", "--leader-election", "--leader-election-namespace"}
+SIDECAR_FLAGS = {
+    "csi-provisioner": _COMMON | {"--feature-gates", "--extra-create-metadata", "--default-fstype", "--node-deployment",
+                                  "--strict-topology", "--immediate-topology"},
+    "csi-attacher": _COMMON,
+    "csi-resizer": _COMMON | {"--handle-volume-inuse-error"},
+    "csi-snapshotter": _COMMON | {"--extra-create-metadata", "--node-deployment"},
+    "node-driver-registrar": {"--v", "--csi-address", "--kubelet-registration-path", "--http-endpoint"},
+    "liveness-probe": {"--csi-address", "--http-endpoint"},
+}
+SIDECAR_IMAGES = {"csi-provisioner": "csi-provisioner", "csi-attacher": "csi-attacher", "csi-resizer": "csi-resizer",
+                  "csi-snapshotter": "csi-snapshotter", "node-driver-registrar": "csi-node-driver-registrar",
+                  "liveness-probe": "livenessprobe"}
+
+
+def check_sidecar_flags(doc: Doc) -> None:
+    for c in containers(doc):
+        if c["name"] == PLUGIN:
+            continue
+        assert c["name"] in SIDECAR_FLAGS, f"{doc!r}: unknown sidecar {c['name']}"
+        image = c["image"].rsplit("/", 1)[-1].split(":")[0].split("@")[0]
+        assert image == SIDECAR_IMAGES[c["name"]], f"{doc!r}: container {c['name']} runs {c['image']}"
+        for a in c.get("args", []):
+            name = a.split("=", 1)[0]
+            assert name in SIDECAR_FLAGS[c["name"]], f"{doc!r} {c['name']}: unknown flag {a}"
+
+
 def workloads(docs: list[Doc]) -> list[Doc]:
     return [d for d in docs if d.kind in ("Deployment", "DaemonSet", "StatefulSet")]
 
@@ -169,6 +198,7 @@ def check_install(docs: list[Doc], attach_required: Optional[bool] = None) -> No
     for d in plugin_workloads(docs):
         check_plugin_container(d, cms)
         check_sidecars_dial_plugin(d)
+        check_sidecar_flags(d)
         roles.setdefault(role(d), []).append(d)
         if role(d) == "node":
             check_node_plugin(d)
