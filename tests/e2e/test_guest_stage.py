@@ -17,12 +17,12 @@ import json
 import os
 import shutil
 import sys
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
 from tests.conftest import require
+from tests.e2e.junitsum import read_junit
 from tests.e2e.suites import Suite, selected
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,36 +44,6 @@ guest = _guest_module()
 SUITES = selected()
 # one boot runs every suite inside the first test's fixture: the per-test timeout must cover the whole stage
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(sum(s.timeout for s in SUITES) + 600)]
-
-
-@dataclass
-class JunitSummary:
-    tests: int = 0
-    failures: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> int:
-        return self.tests - len(self.failures) - len(self.errors) - len(self.skipped)
-
-    def line(self) -> str:
-        return (f"{self.tests} tests: {self.passed} passed, {len(self.failures)} failed, {len(self.errors)} errors, "
-                f"{len(self.skipped)} skipped")
-
-
-def read_junit(path: str) -> JunitSummary:
-    out = JunitSummary()
-    root = ET.parse(path).getroot()
-    for case in root.iter("testcase"):
-        out.tests += 1
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        for tag, bucket in (("failure", out.failures), ("error", out.errors), ("skipped", out.skipped)):
-            el = case.find(tag)
-            if el is not None:
-                msg = (el.get("message") or el.text or "").strip().splitlines()
-                bucket.append(f"{name}: {msg[0][:300] if msg else tag}")
-    return out
 
 
 @dataclass

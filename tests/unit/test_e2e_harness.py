@@ -1,0 +1,72 @@
+"""Host-side pieces of the real-kernel harness that need no guest: junit summaries, the suite registry, the QEMU
+initramfs (a real newc archive that cpio can list) and module dependency order, the UML workaround decision."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e import suites
+from tests.e2e.junitsum import read_junit
+
+E2E = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "e2e")
+sys.path.insert(0, E2E)
+import qemu_boot  # noqa: E402
+
+
+def test_read_junit_counts_and_messages(tmp_path) -> None:
+    path = tmp_path / "j.xml"
+    path.write_text("""<testsuites><testsuite name="x">
+      <testcase classname="a" name="ok"/>
+      <testcase classname="a" name="bad"><failure message="assert 1 == 2">trace</failure></testcase>
+      <testcase classname="a" name="boom"><error message="fixture died"/></testcase>
+      <testcase classname="a" name="skip"><skipped message="MISSING: dm"/></testcase>
+    </testsuite></testsuites>""")
+    s = read_junit(str(path))
+    assert (s.tests, s.passed) == (4, 1)
+    assert s.failures == ["a::bad: assert 1 == 2"] and s.errors == ["a::boom: fixture died"]
+    assert s.skipped == ["a::skip: MISSING: dm"]
+    assert s.line() == "4 tests: 1 passed, 1 failed, 1 errors, 1 skipped"
+
+
+def test_suite_registry_selection(monkeypatch) -> None:
+    names = [s.name for s in suites.SUITES]
+    assert "lvm-data" in names and "sanity-lvm" in names and len(set(names)) == len(names)
+    monkeypatch.setenv("TESSERA_E2E_SUITES", "lvm-data")
+    assert [s.name for s in suites.selected()] == ["lvm-data"]
+    monkeypatch.setenv("TESSERA_E2E_SUITES", "nope")
+    with pytest.raises(ValueError, match="unknown suites"):
+        suites.selected()
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/busybox") or not shutil.which("cpio"), reason="MISSING: busybox/cpio")
+def test_qemu_initramfs_is_a_valid_cpio_with_module_deps_first(tmp_path) -> None:
+    try:
+        version = qemu_boot.kernel_version()
+    except FileNotFoundError:
+        pytest.skip("MISSING: linux-image-amd64")
+    order = qemu_boot._module_order(version, qemu_boot.STAGE0_MODULES)
+    names = [os.path.basename(p).split(".ko")[0] for p in order]
+    assert names.index("9pnet") < names.index("9pnet_virtio") < names.index("9p")
+    assert names[-1] == "overlay"
+    path = tmp_path / "i.cpio"
+    qemu_boot.build_initramfs(version, str(path))
+    listing = subprocess.run(["cpio", "-it"], stdin=open(path, "rb"), capture_output=True, text=True, check=True)
+    files = listing.stdout.split()
+    assert "init" in files and "bin/busybox" in files and "modules/order" in files
+    assert f"modules/{os.path.basename(order[0])}" in files
+
+
+def test_uml_xstate_mode_override(monkeypatch) -> None:
+    import guest
+    monkeypatch.setenv("TESSERA_UML_XSTATE", "native")
+    assert guest.uml_needs_fxsr() is False
+    monkeypatch.setenv("TESSERA_UML_XSTATE", "fxsr")
+    assert guest.uml_needs_fxsr() is True
+    monkeypatch.delenv("TESSERA_GUEST", raising=False)
+    assert guest.choose_kind() == "uml"
+    with pytest.raises(guest.GuestError):
+        guest.choose_kind("vmware")
