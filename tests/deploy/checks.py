@@ -245,11 +245,22 @@ def check_storage_classes(docs: list[Doc], configs: dict[str, str]) -> None:
 
 
 def check_snapshot_classes(docs: list[Doc]) -> None:
+    """Snapshot classes name this driver, only snapshotter-secret parameters (the backends take no snapshot
+    parameters), and secrets that are installed and hold the keys some backend reads."""
     drivers = {d.name for d in of_kind(docs, "CSIDriver")}
+    secrets = {(d.obj["metadata"].get("namespace"), d.name): d for d in of_kind(docs, "Secret")}
+    readable = set().union(*(bf.secret_keys(t) for t in bf.backend_types()))
     for vsc in of_kind(docs, "VolumeSnapshotClass"):
         assert vsc.obj["driver"] in drivers, f"{vsc!r}: driver {vsc.obj['driver']} is not this install's"
-        keys = set(vsc.obj.get("parameters", {}))
+        params = vsc.obj.get("parameters", {})
+        keys = set(params)
         assert keys <= bf.RESERVED_SNAPSHOT_KEYS, f"{vsc!r}: parameters {sorted(keys - bf.RESERVED_SNAPSHOT_KEYS)}"
+        name = params.get(f"{bf.RESERVED_PREFIX}snapshotter-secret-name")
+        if name:
+            ref = (params.get(f"{bf.RESERVED_PREFIX}snapshotter-secret-namespace"), name)
+            assert ref in secrets, f"{vsc!r}: snapshotter secret {ref} is not installed"
+            held = set(secrets[ref].obj.get("stringData", {})) | set(secrets[ref].obj.get("data", {}))
+            assert held & readable, f"{vsc!r}: secret {name} holds none of the keys a backend reads"
 
 
 def storage_class_types(docs: list[Doc], configs: dict[str, str]) -> set[str]:
