@@ -389,11 +389,23 @@ class RbdBackend(Backend):
                 log.warning("dropping the stale directory entry of %s/%s (id %s)", pool, name, stale_id.decode())
                 with contextlib.suppress(rados.ObjectNotFound):
                     io.execute("rbd_directory", "rbd", "dir_remove_image", enc(name.encode()) + enc(stale_id))
-        for entry in rbd.RBD().trash_list(io):
+        # Images in the middle of removal are hidden from trash_list(), so read the trash's keys ("id_<id>").
+        try:
+            with rados.ReadOpCtx() as op:
+                keys, _ = io.get_omap_keys(op, "id_", 1024)
+                io.operate_read_op(op, "rbd_trash")
+                ids = [k[3:] for k, _ in keys if k.startswith("id_")]
+        except rados.ObjectNotFound:
+            ids = []
+        for image_id in ids:
+            try:
+                entry = rbd.RBD().trash_get(io, image_id)
+            except rbd.ImageNotFound:
+                continue
             if entry.get("name") == name and entry.get("source") == "REMOVING":
-                log.warning("finishing the interrupted removal of %s/%s (trash id %s)", pool, name, entry["id"])
+                log.warning("finishing the interrupted removal of %s/%s (trash id %s)", pool, name, image_id)
                 with contextlib.suppress(rbd.ImageNotFound):
-                    rbd.RBD().trash_remove(io, entry["id"], force=True)
+                    rbd.RBD().trash_remove(io, image_id, force=True)
 
     def _remove(self, conn: _Conn, pool: str, name: str, what: str) -> None:
         """Remove an image; first make every clone of it self-contained (flatten), so that snapshots of a deleted

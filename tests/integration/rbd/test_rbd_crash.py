@@ -128,16 +128,9 @@ def test_kill_9_during_creates_loses_duplicates_and_orphans_nothing(ceph_cluster
     # and everything deletes cleanly
     for vid in list(final.values()) + [source.volume_id]:
         client.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid), timeout=60)
-    trash = [e for e in rbd.RBD().trash_list(admin_io) if e["name"] in expected]
-    assert trash == [], f"half-removed images left in the trash: {trash}"
+    # (`rbd ls` also lists images whose removal was interrupted: they sit in the trash as REMOVING, which
+    # trash_list() hides; `left` below catches them.)
     left = [i for i in rbd.RBD().list(admin_io) if i in expected]
-    # Seen in about one run in ten: a name still listed right after its DeleteVolume returned, and gone (no
-    # header, no id, no directory entry, no trash entry) when looked at a moment later. Only a name that stays
-    # listed is a leftover.
-    deadline = time.monotonic() + 5
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = [i for i in rbd.RBD().list(admin_io) if i in expected]
     assert left == [], (f"images left after DeleteVolume returned OK: {[_describe(admin_io, i) for i in left]}\n"
                         + "".join(l for l in open(server.log_path) if any(i in l for i in left)))
     client.close()
