@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Optional
 from pydantic import Field, model_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
-                   SINGLE_NODE_MODES, MULTI_NODE_MODES, Snapshot, Volume, object_uuid)
+                   SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
 from .errors import (Aborted, BackendUnavailable, CapacityExceeded, DeadlineExceeded, Internal, InUse, InvalidArgument,
                      NotFound, OutOfRange, PermissionDenied, TesseraError)
 from .util import CommandError, run
@@ -277,6 +277,9 @@ class RbdBackend(Backend):
             raise Internal(f"{what}: {type(e).__name__}: {e}") from None
 
     def probe(self) -> None:
+        o = self.options
+        if not (o.key or o.keyringPath or o.cephConf):
+            return  # credentials come only with each request's secrets: nothing to probe with
         conn = self._conn({})
         with self._ceph("probe", conn):
             conn.ioctx(self.options.pool)

@@ -1,25 +1,24 @@
 """Fixtures for the RBD backend tests: a backend instance on the session's test cluster (tests/ceph/)."""
 from __future__ import annotations
 
-import os
+import sys
 import tempfile
 from typing import Iterator
 
-import pytest
+# The ceph fixtures come from the `tests.ceph.fixtures` plugin (tests/conftest.py's pytest_plugins, or
+# `-p tests.ceph.fixtures`); a registered plugin is imported before this file. When it is not registered, define
+# them here so this directory also runs on its own. (Checked before anything below imports that module.)
+_plugin_registered = "tests.ceph.fixtures" in sys.modules
 
-from backends.rbd import RbdBackend
-from tests.ceph.fixtures import CephInfo
-from tests.ceph.rbdutil import make_backend
+import pytest  # noqa: E402
 
-# The ceph fixtures come from the `tests.ceph.fixtures` plugin registered in tests/conftest.py; when that line is
-# not there yet, import them here so this directory runs on its own.
-try:
-    import tests.conftest as _root
-    _registered = "tests.ceph.fixtures" in getattr(_root, "pytest_plugins", ())
-except ImportError:  # pragma: no cover
-    _registered = False
-if not _registered:
+from backends.rbd import RbdBackend  # noqa: E402
+from tests.ceph.fixtures import CephInfo  # noqa: E402
+from tests.ceph.rbdutil import make_backend  # noqa: E402
+
+if not _plugin_registered:
     from tests.ceph.fixtures import ceph_cluster, ceph_mgr, fresh_ceph_cluster  # noqa: F401
+
 
 @pytest.fixture
 def state_dir() -> Iterator[str]:
