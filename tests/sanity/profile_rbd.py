@@ -7,7 +7,9 @@ Needs the `ceph_mgr` fixture (tests/ceph/fixtures.py registered as a pytest plug
 """
 from __future__ import annotations
 
+import glob
 import os
+import platform
 
 import pytest
 import yaml
@@ -15,7 +17,18 @@ import yaml
 from tests.sanity.profiles import Profile, ProfileSetup, register
 
 
-def _setup(request, workdir: str) -> ProfileSetup:
+def _kernel_has(module: str, sysfs: str) -> bool:
+    """The module is loaded, or can be (its .ko exists for the running kernel): inside the real-kernel guest."""
+    return os.path.exists(sysfs) or bool(glob.glob(f"/lib/modules/{platform.release()}/**/{module}.ko*", recursive=True))
+
+
+def _setup_for(mounter: str):
+    def setup(request, workdir: str) -> ProfileSetup:
+        return _setup(request, workdir, mounter)
+    return setup
+
+
+def _setup(request, workdir: str, mounter: str = "fuse") -> ProfileSetup:
     ceph = request.getfixturevalue("ceph_mgr")  # GetCapacity needs pool statistics, which come from a mgr
     path = os.path.join(workdir, "config.yaml")
     config = {
@@ -26,7 +39,7 @@ def _setup(request, workdir: str) -> ProfileSetup:
                 "user": ceph.csi_user,
                 "keyringPath": ceph.csi_keyring,
                 "pool": ceph.pool,
-                "mounter": "fuse",
+                "mounter": mounter,
                 "connectTimeout": 10,
                 "opTimeout": 20,
             },
@@ -37,5 +50,13 @@ def _setup(request, workdir: str) -> ProfileSetup:
     return ProfileSetup(config=path, params={"backend": "ceph"})
 
 
-register(Profile("rbd", setup=_setup, volume_size=64 << 20, marks=(pytest.mark.ceph,),
+register(Profile("rbd", setup=_setup_for("fuse"), volume_size=64 << 20, marks=(pytest.mark.ceph,),
                  description="RBD backend on the throw-away Ceph cluster, fuse mounter on the host"))
+# The kernel mounters need the rbd / nbd modules, which only the real-kernel guest has (tests/e2e):
+#   pytest tests/sanity --sanity-profile rbd-krbd --sanity-profile rbd-nbd
+if _kernel_has("rbd", "/sys/bus/rbd"):
+    register(Profile("rbd-krbd", setup=_setup_for("krbd"), volume_size=64 << 20, marks=(pytest.mark.ceph,),
+                     description="RBD backend, kernel RBD client (rbd map); needs the rbd module"))
+if _kernel_has("nbd", "/sys/module/nbd"):
+    register(Profile("rbd-nbd", setup=_setup_for("nbd"), volume_size=64 << 20, marks=(pytest.mark.ceph,),
+                     description="RBD backend, rbd-nbd; needs the nbd module"))
