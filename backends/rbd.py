@@ -407,8 +407,7 @@ class RbdBackend(Backend):
                 continue
             if entry.get("name") == name and entry.get("source") == "REMOVING":
                 log.warning("finishing the interrupted removal of %s/%s (trash id %s)", pool, name, image_id)
-                with contextlib.suppress(rbd.ImageNotFound):
-                    rbd.RBD().trash_remove(io, image_id, force=True)
+                _trash_remove(io, image_id)
 
     def _remove(self, conn: _Conn, pool: str, name: str, what: str) -> None:
         """Remove an image; first make every clone of it self-contained (flatten), so that snapshots of a deleted
@@ -905,6 +904,26 @@ class _Frozen:
     def stat(self) -> None:
         if self._err:
             raise RuntimeError(self._err)
+
+
+def _trash_remove(io: Any, image_id: str) -> None:
+    """Delete an image from the trash. One whose move into the trash was interrupted is left in state MOVING,
+    which librbd refuses to delete (EUCLEAN); nobody is moving it any more, so set it back to NORMAL first (the
+    RBD class' own `trash_state_set`, guarded by the expected state) and delete it then."""
+    import errno
+    import rbd
+    try:
+        rbd.RBD().trash_remove(io, image_id, force=True)
+        return
+    except rbd.ImageNotFound:
+        return
+    except rbd.OSError as e:
+        if e.errno != errno.EUCLEAN:
+            raise
+    enc = struct.pack("<I", len(image_id)) + image_id.encode()
+    io.execute("rbd_trash", "rbd", "trash_state_set", enc + bytes([0, 1]))  # NORMAL, expecting MOVING
+    with contextlib.suppress(rbd.ImageNotFound):
+        rbd.RBD().trash_remove(io, image_id, force=True)
 
 
 def _user_snaps(img: Any) -> list[str]:
