@@ -16,6 +16,7 @@ import abc
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -170,8 +171,32 @@ class TgtDriver(TargetDriver):
             tid = self._tid(iqn)
             if tid is None:
                 return
-            self._adm("--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
+            # no new logins, then drop the sessions: a LU with commands in flight refuses deletion for a moment
+            for acl in (self._show().get(iqn, (0, TargetState(iqn)))[1].acls):
+                self._adm("--mode", "target", "--op", "unbind", "--tid", str(tid), "--initiator-name", acl)
+            for attempt in range(50):
+                try:
+                    self._adm("--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
+                    break
+                except CommandError as e:
+                    if "still active" not in (e.stderr or "") or attempt == 49:
+                        raise
+                    self._close_connections(tid)
+                    time.sleep(0.1)
         self._delete_account(_tgt_user_for(iqn))
+
+    def _close_connections(self, tid: int) -> None:
+        sid = None
+        for line in self._adm("--mode", "conn", "--op", "show", "--tid", str(tid), check=False).stdout.splitlines():
+            parts = line.split(":", 1)
+            if len(parts) != 2:
+                continue
+            key, value = parts[0].strip(), parts[1].strip()
+            if key == "Session":
+                sid = value
+            elif key == "Connection" and sid is not None:
+                self._adm("--mode", "conn", "--op", "delete", "--tid", str(tid), "--sid", sid, "--cid", value,
+                          check=False)
 
     def state(self, iqn: str) -> Optional[TargetState]:
         hit = self._show().get(iqn)

@@ -48,7 +48,7 @@ def tgtd() -> Iterator[Tgtd]:
     require(shutil.which("iscsi-inq") is not None, "libiscsi-bin (iscsi-inq, iscsi-ls, iscsi-readcapacity16)")
     port = _free_port()
     # control port: tgtd binds an abstract unix socket named after it, not TCP; pick one unlikely to clash
-    control = 20000 + os.getpid() % 20000
+    control = 20000 + os.getpid() % 12000  # tgtd takes at most 32767
     log = tempfile.NamedTemporaryFile(prefix="tgtd-", suffix=".log", delete=False)
     proc = subprocess.Popen(["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
