@@ -21,6 +21,8 @@ import pytest
 from tests.ceph.cluster import Cluster, bootstrap
 
 REQUIRED_PROGRAMS = ("ceph-mon", "ceph-osd", "ceph-mgr", "monmaptool", "rbd-fuse")
+# Seconds to wait for the cluster (and the mgr's first statistics). An emulated guest (QEMU TCG) needs minutes.
+READY_TIMEOUT = float(os.environ.get("TESSERA_CEPH_READY_TIMEOUT", "60"))
 
 
 @dataclass
@@ -63,7 +65,7 @@ def _tmpdir(prefix: str) -> str:
 def ceph_cluster() -> Iterator[CephInfo]:
     _require_ceph()
     d = _tmpdir("tessera-ceph-")
-    c = bootstrap(d)
+    c = bootstrap(d, timeout=READY_TIMEOUT)
     try:
         yield CephInfo.of(c)
     finally:
@@ -78,7 +80,7 @@ def ceph_mgr(ceph_cluster: CephInfo) -> CephInfo:
     c = ceph_cluster.cluster
     if not c.with_mgr:
         c.start_mgr()
-        c.wait_ready(60)
+        c.wait_ready(READY_TIMEOUT)
     return ceph_cluster
 
 
@@ -87,7 +89,7 @@ def fresh_ceph_cluster() -> Iterator[CephInfo]:
     """A private cluster for one test (for stopping and restarting daemons without disturbing the others)."""
     _require_ceph()
     d = _tmpdir("tessera-ceph1-")
-    c = bootstrap(d)
+    c = bootstrap(d, timeout=READY_TIMEOUT)
     try:
         yield CephInfo.of(c)
     finally:
