@@ -418,6 +418,16 @@ class IscsiBackend(Backend):
 
     def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
         props = attachment.data.get("properties") or self._properties(local_id, {}, self.lun)
+        if not self.options.multipath:
+            # one path: ask the SCSI disk to re-read its capacity (what `iscsiadm -m session --rescan` does per
+            # device); os-brick's extend_volume would need lsscsi and only adds multipath handling
+            name = os.path.basename(os.path.realpath(attachment.device))
+            try:
+                with open(f"/sys/class/block/{name}/device/rescan", "w") as f:
+                    f.write("1")
+            except OSError as e:
+                raise BackendUnavailable(f"rescanning {attachment.device} for {props.get('target_iqn')} failed: {e}") from None
+            return
         try:
             self._os_brick().extend_volume(props)
         except Exception as e:
