@@ -212,6 +212,10 @@ class IscsiBackend(Backend):
         local_id = VOLUME_PREFIX + object_uuid(self.runtime.driver_name, spec.name)
         o = self._find(local_id, VOLUME_PREFIX)
         if o is None or o.pending:
+            maximum = self.store.capacity()[1]
+            if spec.size_bytes > maximum:
+                raise OutOfRange(f"{spec.size_bytes} bytes is more than the largest volume the backing store can "
+                                 f"hold ({maximum} bytes)")
             src_id = None
             if spec.source is not None:
                 prefix = SNAPSHOT_PREFIX if spec.source.kind == "snapshot" else VOLUME_PREFIX

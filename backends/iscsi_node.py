@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 
@@ -29,4 +30,28 @@ def make_connector(state_dir: str, multipath: bool) -> Any:
     from oslo_config import cfg
     os_brick.setup(cfg.CONF)
     from os_brick.initiator.connectors.iscsi import ISCSIConnector
-    return ISCSIConnector(root_helper="", use_multipath=multipath, device_scan_attempts=5)
+    return ISCSIConnector(root_helper="", execute=execute, use_multipath=multipath, device_scan_attempts=5)
+
+
+def execute(*cmd: str, **kwargs: Any) -> tuple[str, str]:
+    """os-brick's `execute` contract (stdout, stderr; ProcessExecutionError on a disallowed exit code) on top of
+    `backends.util.run`. Why not os-brick's own: oslo.concurrency forks with a preexec_fn, and a plain fork() inside
+    the multi-threaded gRPC server trips gRPC's fork handlers; subprocess without preexec_fn spawns instead."""
+    from oslo_concurrency.processutils import ProcessExecutionError
+
+    from .util import run
+
+    check = kwargs.get("check_exit_code", True)
+    allowed = [0] if check is True else ([] if check is False else ([check] if isinstance(check, int) else list(check)))
+    attempts = max(int(kwargs.get("attempts", 1) or 1), 1)
+    env = kwargs.get("env_variables") or None
+    argv = [str(c) for c in cmd]
+    for attempt in range(attempts):
+        proc = run(argv, check=False, timeout=float(kwargs.get("timeout") or 120.0),
+                   input=kwargs.get("process_input"), env=env)
+        if not allowed or proc.returncode in allowed:
+            return proc.stdout, proc.stderr
+        if attempt + 1 < attempts:
+            time.sleep(min(0.2 * (2 ** attempt), 2.0))
+    raise ProcessExecutionError(stdout=proc.stdout, stderr=proc.stderr, exit_code=proc.returncode,
+                                cmd=" ".join(argv))
