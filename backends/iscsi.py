@@ -334,15 +334,16 @@ class IscsiBackend(Backend):
 
     def controller_publish(self, local_id: str, node: Any, readonly: bool, capability: Any,
                            context: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str, str]:
-        initiator = (node.attributes or {}).get("iqn", "")
-        if not initiator:
-            raise FailedPrecondition(f"node {node.name} reported no iSCSI initiator IQN in its node ID; run the node "
-                                     "plugin with the iscsi backend configured (it adds ?iqn=... to the node ID)")
-        if not _IQN_RE.match(initiator):
-            raise InvalidArgument(f"node {node.name}: {initiator!r} is not an iSCSI initiator name")
         o = self._find(local_id, VOLUME_PREFIX)
         if o is None:
             raise NotFound(f"volume {self.name}:{local_id} does not exist")
+        initiator = (node.attributes or {}).get("iqn", "")
+        if not initiator:
+            # a node whose plugin reported no IQN cannot be one of ours: NOT_FOUND, with the likely cause
+            raise NotFound(f"node {node.name} does not exist as an iSCSI node: its node ID carries no initiator IQN; "
+                           "run the node plugin with the iscsi backend configured (it adds ?iqn=... to the node ID)")
+        if not _IQN_RE.match(initiator):
+            raise InvalidArgument(f"node {node.name}: {initiator!r} is not an iSCSI initiator name")
         self._export(o)  # re-creates the export after a tgtd restart / target host reboot
         chap = self.chap_for(local_id) if self.options.chap else None
         self.driver.add_acl(self.iqn(local_id), initiator, chap)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from backends.base import CapabilitySpec, ContentSource, CreateVolumeSpec
-from backends.errors import FailedPrecondition, InUse
+from backends.errors import InUse, NotFound
 from backends.iscsi import IscsiBackend
 from csi.ids import NodeRef, parse_node_id
 
@@ -97,7 +97,7 @@ def test_chap_off_grants_by_initiator_name_only(tgtd: Tgtd, tmp_path) -> None:
 
 def test_publish_needs_the_node_iqn(backend: IscsiBackend) -> None:
     v = backend.create_volume(spec("pvc-d"))
-    with pytest.raises(FailedPrecondition, match="initiator IQN"):
+    with pytest.raises(NotFound, match="initiator IQN"):
         backend.controller_publish(v.local_id, NodeRef("bare-node"), False, CAP, v.context, {})
     # the node ID as NodeGetInfo reports it carries the IQN through to the controller
     ref = parse_node_id(NODE1.encode())
