@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 from backends.errors import FailedPrecondition, InvalidArgument
 from backends.util import CommandError, run
@@ -44,6 +45,16 @@ def ensure_formatted(device: str, fstype: str) -> str:
         raise FailedPrecondition(f"device {device} already holds a {found} filesystem but {fstype} was requested; "
                                  "it is not reformatted (data would be lost)")
     return found
+
+
+def stage_options(fstype: str, mount_flags: Sequence[str]) -> list[str]:
+    """Mount options for the staging mount. A snapshot or clone of an xfs volume carries its source's filesystem
+    UUID, and xfs refuses a second mount of a UUID already mounted on the node: `nouuid` lets the restored volume
+    mount beside its source (the UUID is not used for anything else by a CSI volume)."""
+    opts = list(mount_flags)
+    if fstype == "xfs" and "nouuid" not in opts:
+        opts.append("nouuid")
+    return opts
 
 
 def grow(device: str, mountpoint: str, fstype: str) -> None:

@@ -63,3 +63,32 @@ def detach(device: str) -> None:
 def refresh(device: str) -> None:
     """Make the kernel re-read the backing file's size after it grew."""
     run(["losetup", "--set-capacity", device])
+
+
+def read_only_views(device: str) -> list[str]:
+    """Read-only loop devices stacked on `device` (made by `attach_read_only_view`), oldest first."""
+    out = run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE,RO"]).stdout
+    if not out.strip():
+        return []
+    found = []
+    for dev in json.loads(out).get("loopdevices", []):
+        ro = dev.get("ro")
+        if (dev.get("back-file") or "") == device and ro in (True, 1, "1"):
+            found.append(dev["name"])
+    return found
+
+
+def attach_read_only_view(device: str, exclude: frozenset[str] = frozenset()) -> str:
+    """A read-only block device showing the same data as `device`.
+
+    A read-only bind mount does not stop writes through a device node (the kernel checks the mount flag only for
+    regular files), so a read-only raw block publish hands out this view instead. A view left behind by a crash
+    between attach and mount is reused by the retry (any view not in `exclude`, the ones other targets hold)."""
+    for view in read_only_views(device):
+        if view not in exclude:
+            return view
+    base = ["losetup", "--find", "--show", "--read-only"]
+    try:
+        return run(base + ["--direct-io=on", device]).stdout.strip()
+    except CommandError:
+        return run(base + [device]).stdout.strip()

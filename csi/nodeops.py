@@ -23,7 +23,7 @@ from backends.base import Attachment, Backend, CapabilitySpec
 from backends.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from backends.util import read_json, write_json_atomic
 
-from . import constants, filesystems, mounts
+from . import constants, filesystems, loopdev, mounts
 from .ids import NodeRef, parse_id
 from .locks import KeyedLocks
 from .paths import check_path
@@ -139,7 +139,8 @@ class NodeOps:
                 top = mounts.top_mount(staging_path)
                 if top is None:
                     filesystems.ensure_formatted(att.device, fs_type)
-                    mounts.mount(att.device, staging_path, fs_type, list(capability.mount_flags))
+                    mounts.mount(att.device, staging_path, fs_type,
+                                 filesystems.stage_options(fs_type, capability.mount_flags))
                 elif os.stat(staging_path).st_dev != os.stat(att.device).st_rdev:
                     raise AlreadyExists(f"staging_target_path {staging_path} already has something else mounted")
             self._save(rec)
@@ -154,6 +155,9 @@ class NodeOps:
             if rec is not None and rec.staging_path != staging_path:
                 raise NotFound(f"volume {volume_id} is staged at {rec.staging_path}, not at {staging_path}")
             mounts.unmount_all(staging_path)
+            if rec is not None and rec.access_type == "block" and os.path.exists(rec.device):
+                for view in loopdev.read_only_views(rec.device):  # left by a publish that crashed before its record
+                    loopdev.detach(view)
             try:
                 backend, local = self._backend(volume_id)
             except NotFound:
@@ -186,16 +190,15 @@ class NodeOps:
             if capability.access_type == "mount" and capability.fs_type and capability.fs_type != rec.fs_type:
                 raise AlreadyExists(f"volume {volume_id} is staged with {rec.fs_type}, not {capability.fs_type}")
             ro = readonly or capability.access_mode in ("SINGLE_NODE_READER_ONLY", "MULTI_NODE_READER_ONLY")
-            if capability.access_type == "mount":
-                source = staging_path
-                want_dev = os.stat(staging_path).st_dev
-            else:
-                source = rec.device
-                want_dev = os.stat(rec.device).st_rdev
+            block = capability.access_type == "block"
             top = mounts.top_mount(target_path)
             if top is not None:
                 st = os.stat(target_path)
-                same = (st.st_dev if capability.access_type == "mount" else st.st_rdev) == want_dev
+                if block:
+                    known = rec.targets.get(target_path, {}).get("device") or rec.device
+                    same = st.st_rdev in (os.stat(rec.device).st_rdev, os.stat(known).st_rdev)
+                else:
+                    same = st.st_dev == os.stat(staging_path).st_dev
                 if same and top.readonly == ro:
                     return
                 raise AlreadyExists(f"target_path {target_path} is already published "
@@ -205,10 +208,18 @@ class NodeOps:
             if others and (capability.access_mode == single or any(v.get("mode") == single for v in others.values())):
                 raise FailedPrecondition(f"volume {volume_id} is already published at {', '.join(sorted(others))} "
                                          f"with access mode {single}, which allows one target only")
-            self._prepare_target(target_path, capability.access_type == "block")
-            opts = (["ro"] if ro else []) + (list(capability.mount_flags) if capability.access_type == "mount" else [])
+            self._prepare_target(target_path, block)
+            entry: dict = {"mode": capability.access_mode, "readonly": ro}
+            if not block:
+                source = staging_path
+            elif ro:
+                held = frozenset(v["device"] for v in others.values() if v.get("device"))
+                source = entry["device"] = loopdev.attach_read_only_view(rec.device, held)
+            else:
+                source = rec.device
+            opts = (["ro"] if ro else []) + ([] if block else list(capability.mount_flags))
             mounts.mount(source, target_path, None, opts, bind=True)
-            rec.targets = {**others, target_path: {"mode": capability.access_mode, "readonly": ro}}
+            rec.targets = {**others, target_path: entry}
             self._save(rec)
 
     @staticmethod
@@ -251,6 +262,9 @@ class NodeOps:
             mounts.unmount_all(target_path)
             rec = self.record(volume_id)
             if rec is not None and target_path in rec.targets:
+                view = rec.targets[target_path].get("device")
+                if view:
+                    loopdev.detach(view)
                 rec.targets.pop(target_path)
                 self._save(rec)
             try:
@@ -268,11 +282,18 @@ class NodeOps:
             raise InvalidArgument("volume ID is required")
         if not volume_path:
             raise InvalidArgument("volume_path is required")
-        check_path(volume_path, "volume_path", self.allowed_prefixes)
+        # The volume is looked up before the path is judged: an unknown volume is NOT_FOUND whatever path came
+        # with it (csi-sanity asks with "some/path"), and a path that cannot be where the volume is mounted —
+        # relative, not normalized, outside the allowed directories — is NOT_FOUND too, as the spec words it
+        # ("volume does not exist on the specified path"). Nothing is ever done at such a path.
         self._backend(volume_id)
         rec = self.record(volume_id)
         if rec is None:
             raise NotFound(f"volume {volume_id} is not staged on node {self.node_name}")
+        try:
+            check_path(volume_path, "volume_path", self.allowed_prefixes)
+        except InvalidArgument as e:
+            raise NotFound(f"volume {volume_id} is not at volume_path {volume_path!r}: {e}") from None
         if not os.path.exists(volume_path):
             raise NotFound(f"volume_path {volume_path} does not exist")
         return rec
@@ -284,7 +305,13 @@ class NodeOps:
         except OSError:
             return False
         if stat.S_ISBLK(st.st_mode):
-            return st.st_rdev == dev
+            if st.st_rdev == dev:
+                return True
+            view = rec.targets.get(path, {}).get("device")  # a read-only raw block publish shows a view
+            try:
+                return bool(view) and st.st_rdev == os.stat(view).st_rdev
+            except OSError:
+                return False
         return st.st_dev == dev
 
     def expand(self, volume_id: str, volume_path: str, staging_path: str = "") -> int:
@@ -295,6 +322,9 @@ class NodeOps:
             backend, local = self._backend(volume_id)
             att = Attachment(rec.attachment.get("device", rec.device), rec.attachment.get("data", {}))
             backend.node_refresh_size(local, att)
+            for entry in rec.targets.values():
+                if entry.get("device"):  # a read-only view sizes itself from the device only when told
+                    loopdev.refresh(entry["device"])
             if rec.access_type == "mount":
                 filesystems.grow(rec.device, rec.staging_path if mounts.is_mountpoint(rec.staging_path) else volume_path,
                                  rec.fs_type)
