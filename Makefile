@@ -13,7 +13,7 @@ run: deps-core
 
 ## test: install everything (apt + venv), check generated code, run the whole suite
 test: deps-all proto-check
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	TESSERA_REQUIRE_ALL=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 deps-core:
 	.ci/install-deps core
