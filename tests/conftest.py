@@ -12,6 +12,10 @@ import os
 
 import pytest
 
+# The Ceph cluster fixtures (ceph_cluster, ceph_mgr, fresh_ceph_cluster) for every directory that needs them: the
+# RBD backend tests and the `rbd` sanity profiles. A cluster starts only when a test asks for one.
+pytest_plugins = ["tests.ceph.fixtures"]
+
 _missing: list[str] = []
 
 

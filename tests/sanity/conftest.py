@@ -1,7 +1,7 @@
 """CSI conformance ("sanity") suite, written from the CSI spec v1.12, runnable against any CSI endpoint.
 
 How to run
-    pytest tests/sanity                                   start `tessera-csi serve` on the embedded file backend
+    pytest tests/sanity                                   the default profiles: file (embedded default) and rbd
     pytest tests/sanity --csi-endpoint unix:///p/csi.sock use a plugin that is already listening there
     pytest tests/sanity --sanity-config cfg.yaml --sanity-param backend=fast --sanity-volume-size 512Mi
     pytest tests/sanity --sanity-profile file --sanity-profile rbd   (or `all`): one session, every profile
@@ -11,7 +11,8 @@ volume size, the session fixtures it needs (e.g. a Ceph cluster), pytest marks. 
 `tests/sanity/profile_<name>.py` (imported automatically) or any module named with `--sanity-profile-module`. Every
 test that uses the `plugin` fixture is parametrized over the selected profiles; the test id carries the profile name.
 Without --sanity-profile the single profile is built from the command line: `endpoint` when --csi-endpoint is given,
-`custom` when --sanity-config/--sanity-param/--sanity-volume-size are, else `file` (the embedded default).
+`custom` when --sanity-config/--sanity-param/--sanity-volume-size are, else every profile registered with
+default=True: `file` (the embedded default) and `rbd` (the test Ceph cluster, fuse mounter).
 --sanity-param and --sanity-volume-size also apply on top of named profiles.
 
 Per profile and session a server is started (`tessera-csi serve --endpoint unix://<tmp>/csi.sock --node-id
@@ -24,6 +25,7 @@ does not advertise that capability; tests/conftest.py reports such skips separat
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import pkgutil
@@ -107,13 +109,13 @@ def selected_profiles(config) -> list[profiles.Profile]:
         chosen = [profiles.Profile("custom", setup=lambda req, wd: profiles.ProfileSetup(config=os.path.abspath(cfg))
                                    if cfg else profiles.ProfileSetup())]
     else:
-        chosen = [profiles.REGISTRY["file"]]
+        chosen = [p for p in profiles.REGISTRY.values() if p.default]
     out = []
     for p in chosen:
         merged = dict(p.params)
         merged.update(params)
-        out.append(profiles.Profile(p.name, p.setup, merged, parse_size(size_opt) if size_opt else p.volume_size,
-                                    p.fs_types, p.block, p.marks, p.node_id, p.description))
+        out.append(dataclasses.replace(p, params=merged,
+                                       volume_size=parse_size(size_opt) if size_opt else p.volume_size))
     return out
 
 

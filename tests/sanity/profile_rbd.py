@@ -51,7 +51,7 @@ def _setup(request, workdir: str, mounter: str = "fuse") -> ProfileSetup:
 
 
 register(Profile("rbd", setup=_setup_for("fuse"), volume_size=64 << 20, marks=(pytest.mark.ceph,),
-                 description="RBD backend on the throw-away Ceph cluster, fuse mounter on the host"))
+                 description="RBD backend on the throw-away Ceph cluster, fuse mounter on the host", default=True))
 # The kernel mounters need the rbd / nbd modules, which only the real-kernel guest has (tests/e2e):
 #   pytest tests/sanity --sanity-profile rbd-krbd --sanity-profile rbd-nbd
 if _kernel_has("rbd", "/sys/bus/rbd"):

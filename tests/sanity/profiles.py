@@ -15,6 +15,7 @@ imported by the sanity conftest) containing
     register(Profile("rbd", setup=_setup, volume_size=64 << 20, marks=(pytest.mark.ceph,)))
 
 and run `pytest tests/sanity --sanity-profile rbd` (repeatable; `--sanity-profile all` selects every registered one).
+A plain `pytest tests/sanity` runs the profiles registered with `default=True` (file and rbd, both run on the host).
 A module outside tests/sanity can be loaded with `--sanity-profile-module dotted.name`.
 """
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Profile:
     marks: tuple = ()
     node_id: str = "sanity-node"
     description: str = ""
+    # run by a plain `pytest tests/sanity` (and so by `make test` on the host); guest-only profiles are chosen
+    # explicitly by the e2e suites instead
+    default: bool = False
 
 
 REGISTRY: dict[str, Profile] = {}
@@ -60,4 +64,5 @@ def register(profile: Profile) -> Profile:
     return profile
 
 
-register(Profile("file", description="embedded default: the file backend under the server's state directory"))
+register(Profile("file", description="embedded default: the file backend under the server's state directory",
+                 default=True))

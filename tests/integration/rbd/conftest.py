@@ -1,23 +1,14 @@
 """Fixtures for the RBD backend tests: a backend instance on the session's test cluster (tests/ceph/)."""
 from __future__ import annotations
 
-import sys
 import tempfile
 from typing import Iterator
 
-# The ceph fixtures come from the `tests.ceph.fixtures` plugin (tests/conftest.py's pytest_plugins, or
-# `-p tests.ceph.fixtures`); a registered plugin is imported before this file. When it is not registered, define
-# them here so this directory also runs on its own. (Checked before anything below imports that module.)
-_plugin_registered = "tests.ceph.fixtures" in sys.modules
+import pytest
 
-import pytest  # noqa: E402
-
-from backends.rbd import RbdBackend  # noqa: E402
-from tests.ceph.fixtures import CephInfo  # noqa: E402
-from tests.ceph.rbdutil import make_backend  # noqa: E402
-
-if not _plugin_registered:
-    from tests.ceph.fixtures import ceph_cluster, ceph_mgr, fresh_ceph_cluster  # noqa: F401
+from backends.rbd import RbdBackend
+from tests.ceph.fixtures import CephInfo  # the fixtures themselves: tests/conftest.py's pytest_plugins
+from tests.ceph.rbdutil import make_backend
 
 
 @pytest.fixture
