@@ -1,4 +1,8 @@
-"""Request rendering for logs with every field the spec marks `csi_secret` replaced, so secrets never reach a log."""
+"""Request rendering for logs with every field the spec marks `csi_secret` replaced, so secrets never reach a log.
+
+`publish_context` is opaque to the CO and not marked by the spec, but a plugin may carry credentials in it (the iSCSI
+backend hands per-volume CHAP secrets from ControllerPublish to the node this way): its keys are shown, its values
+never."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,6 +13,8 @@ from ._pb import csi_pb2
 
 _SECRET_EXT = csi_pb2.csi_secret
 REDACTED = "***stripped***"
+# map fields whose values may hold credentials although the spec does not mark them csi_secret
+_OPAQUE_MAPS = frozenset({"publish_context"})
 
 
 def _repeated(field) -> bool:
@@ -26,6 +32,8 @@ def safe_dict(msg: Message) -> dict[str, Any]:
     for field, value in msg.ListFields():
         if _is_secret(field):
             out[field.name] = REDACTED
+        elif field.name in _OPAQUE_MAPS:
+            out[field.name] = {k: REDACTED for k in value}
         elif field.message_type is not None and field.message_type.GetOptions().map_entry:
             out[field.name] = dict(value) if field.message_type.fields_by_name["value"].message_type is None else \
                 {k: safe_dict(v) for k, v in value.items()}

@@ -85,3 +85,12 @@ def test_secrets_redacted():
     d = safe_dict(req)
     assert d["secrets"] == REDACTED and d["parameters"] == {"pool": "rbd"}
     assert "very-secret" not in repr(d)
+
+
+def test_publish_context_values_redacted():
+    """The iSCSI backend's CHAP secret travels in publish_context, which the spec does not mark csi_secret."""
+    req = pb.NodeStageVolumeRequest(volume_id="san:iv-1", staging_target_path="/s",
+                                    publish_context={"chapUser": "u1", "chapPassword": "hunter2-secret"})
+    d = safe_dict(req)
+    assert d["publish_context"] == {"chapUser": REDACTED, "chapPassword": REDACTED}
+    assert "hunter2-secret" not in repr(d) and d["volume_id"] == "san:iv-1"
