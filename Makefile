@@ -34,7 +34,7 @@ unit:
 
 ## e2e: only the real-kernel guest stage
 e2e: deps-all
-	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+	TESSERA_REQUIRE_ALL=1 $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 ## bench: every benchmark, printing its figures
 bench: deps-all

@@ -324,6 +324,9 @@ class IscsiBackend(Backend):
                     os.fsync(f.fileno())
         if len(key) < 16:
             raise FailedPrecondition(f"CHAP key file {path} holds fewer than 16 bytes")
+        if b"REPLACE-WITH" in key:  # the example Secret's placeholder: a publicly known key would make CHAP moot
+            raise FailedPrecondition(f"CHAP key file {path} still holds the example placeholder; put 32 random "
+                                     "bytes there (e.g. head -c 32 /dev/urandom | base64)")
         return key
 
     def chap_for(self, local_id: str) -> Chap:

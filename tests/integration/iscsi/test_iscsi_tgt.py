@@ -8,7 +8,7 @@ import time
 import pytest
 
 from backends.base import CapabilitySpec, ContentSource, CreateVolumeSpec
-from backends.errors import InUse, NotFound
+from backends.errors import FailedPrecondition, InUse, NotFound
 from backends.iscsi import IscsiBackend
 from csi.ids import NodeRef, parse_node_id
 
@@ -177,3 +177,17 @@ def test_list_and_capacity(backend: IscsiBackend) -> None:
     cap = backend.get_capacity({}, None)
     assert cap.available_bytes > 0 and cap.maximum_volume_size >= cap.available_bytes
     assert backend.driver.list_targets(PREFIX) == [backend.iqn(a.local_id)]
+
+
+def test_placeholder_chap_key_is_refused(tgtd: Tgtd, tmp_path) -> None:
+    """The example Secret ships a placeholder key; publishing with it would hand out guessable CHAP secrets."""
+    key = tmp_path / "chap.key"
+    key.write_text("REPLACE-WITH-32-RANDOM-BYTES-IN-BASE64")
+    b = make_backend(tgtd, str(tmp_path), chapKeyFile=str(key))
+    v = b.create_volume(spec("pvc-placeholder"))
+    try:
+        with pytest.raises(FailedPrecondition, match="placeholder"):
+            b.controller_publish(v.local_id, NODE1, False, CAP, v.context, {})
+        assert b.driver.state(b.iqn(v.local_id)).acls == []  # nothing was granted
+    finally:
+        b.delete_volume(v.local_id, {})
