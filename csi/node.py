@@ -75,5 +75,6 @@ class NodeService(rpc.NodeServicer):
         _require(request.volume_path, "volume_path")
         if request.HasField("volume_capability"):
             convert.required_capability(request)
-        size = self.ops.expand(request.volume_id, request.volume_path, request.staging_target_path)
+        size = self.ops.expand(request.volume_id, request.volume_path, request.staging_target_path,
+                               request.capacity_range.required_bytes)
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)

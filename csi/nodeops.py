@@ -16,11 +16,12 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional, Sequence
 
 from backends.base import Attachment, Backend, CapabilitySpec
-from backends.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from backends.errors import AlreadyExists, BackendUnavailable, FailedPrecondition, InvalidArgument, NotFound
 from backends.util import read_json, write_json_atomic
 
 from . import constants, filesystems, loopdev, mounts
@@ -314,7 +315,7 @@ class NodeOps:
                 return False
         return st.st_dev == dev
 
-    def expand(self, volume_id: str, volume_path: str, staging_path: str = "") -> int:
+    def expand(self, volume_id: str, volume_path: str, staging_path: str = "", required_bytes: int = 0) -> int:
         with self.locks.hold("volume/" + volume_id):
             rec = self._staged(volume_id, volume_path)
             if not self._path_holds(rec, volume_path):
@@ -322,6 +323,8 @@ class NodeOps:
             backend, local = self._backend(volume_id)
             att = Attachment(rec.attachment.get("device", rec.device), rec.attachment.get("data", {}))
             backend.node_refresh_size(local, att)
+            if required_bytes:
+                self._wait_for_size(volume_id, rec.device, required_bytes)
             for entry in rec.targets.values():
                 if entry.get("device"):  # a read-only view sizes itself from the device only when told
                     loopdev.refresh(entry["device"])
@@ -329,6 +332,20 @@ class NodeOps:
                 filesystems.grow(rec.device, rec.staging_path if mounts.is_mountpoint(rec.staging_path) else volume_path,
                                  rec.fs_type)
             return filesystems.device_size(rec.device)
+
+    @staticmethod
+    def _wait_for_size(volume_id: str, device: str, required_bytes: int, timeout: float = 30.0) -> None:
+        """Some devices learn a new size on their own, a moment after the storage grew (krbd and rbd-nbd from the
+        image header's watch, a SCSI disk after its rescan): growing the filesystem before that would grow it to the
+        old size and report success. Wait until the device is at least as large as the CO asked."""
+        deadline = time.monotonic() + timeout
+        size = filesystems.device_size(device)
+        while size < required_bytes:
+            if time.monotonic() > deadline:
+                raise BackendUnavailable(f"device {device} of volume {volume_id} still reports {size} bytes "
+                                         f"{timeout:.0f}s after the storage grew to {required_bytes}; retry")
+            time.sleep(0.1)
+            size = filesystems.device_size(device)
 
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
         rec = self._staged(volume_id, volume_path)
