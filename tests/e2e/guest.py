@@ -53,8 +53,10 @@ UML_BINARY = "/usr/bin/linux.uml"
 UML_MODULES = "/usr/lib/uml/modules"
 
 # Loaded in this order inside the guest; a module this kernel lacks is reported, not fatal (suites that need it fail).
+# `cbc`: libceph needs cbc(aes) for the cephx key `rbd map` hands the kernel; a real node loads it on demand, the
+# guest does not (without it: "rbd: failed to add secret ... (2) No such file or directory").
 GUEST_MODULES = ["loop", "dm_mod", "dm_thin_pool", "dm_snapshot", "configfs", "target_core_mod", "iscsi_target_mod",
-                 "target_core_iblock", "target_core_file", "iscsi_tcp", "sd_mod", "rbd", "nbd"]
+                 "target_core_iblock", "target_core_file", "iscsi_tcp", "sd_mod", "cbc", "rbd", "nbd"]
 
 UML_SSE_ONLY_ENV = {
     "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX2,-AVX,-AVX_Fast_Unaligned_Load",
@@ -110,8 +112,10 @@ def uml_needs_fxsr() -> bool:
     return bool(_cpu_flags() & {"avx512f", "amx_tile", "pku", "ospke"})
 
 
-def _hide_xstate_from_uml() -> None:
-    """preexec_fn: seccomp filter returning EIO for ptrace(PTRACE_GETREGSET, pid, NT_X86_XSTATE, ...) (see module doc)."""
+def _xstate_hider():
+    """A preexec_fn installing a seccomp filter that returns EIO for ptrace(PTRACE_GETREGSET, pid, NT_X86_XSTATE, ...)
+    (see module doc). Everything that loads or allocates (libc handle, BPF program) is made here, in the parent:
+    the child, forked from a threaded process (parallel lanes), only calls prctl before exec."""
     libc = ctypes.CDLL(None, use_errno=True)
     ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_RET|K
     allow, eio = 0x7FFF0000, 0x00050000 | 5
@@ -126,9 +130,21 @@ def _hide_xstate_from_uml() -> None:
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     fprog = SockFprog(len(prog), ctypes.addressof(buf))
-    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
-        os.write(2, b"tessera-guest: cannot install the seccomp filter for UML\n")
-        os._exit(127)
+    fprog_ref = ctypes.byref(fprog)
+    prctl = libc.prctl
+    message = b"tessera-guest: cannot install the seccomp filter for UML\n"
+
+    def hide() -> None:
+        if prctl(38, 1, 0, 0, 0) != 0 or prctl(22, 2, fprog_ref, 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
+            os.write(2, message)
+            os._exit(127)
+    hide.keep = (buf, fprog)  # type: ignore[attr-defined]  # the filter's memory lives as long as the closure
+    return hide
+
+
+# Guests are started one at a time even when lanes run in parallel threads: fork+preexec from a threaded process
+# is safest when no other thread is forking at the same moment.
+_SPAWN_LOCK = threading.Lock()
 
 
 def _make_disk(path: str, size_mib: int) -> None:
@@ -190,7 +206,7 @@ def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind:
         detail = f"User-Mode Linux {UML_BINARY}" + (" (FXSR-only FPU state: host XSAVE area too big for UML 6.1)"
                                                     if fxsr else "")
         if fxsr:
-            preexec = _hide_xstate_from_uml
+            preexec = _xstate_hider()
     else:
         from qemu_boot import qemu_argv  # local module next to this file
         cmd, label, detail = qemu_argv(shared, workdir, disks, mem_mb, use_kvm=host_has_kvm())
@@ -201,8 +217,9 @@ def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind:
     t0 = time.monotonic()
     ready_at: list[float] = []
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=proc_env, cwd=workdir, start_new_session=True, preexec_fn=preexec)
+        with _SPAWN_LOCK:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=proc_env, cwd=workdir, start_new_session=True, preexec_fn=preexec)
 
         def pump() -> None:
             assert proc.stdout is not None

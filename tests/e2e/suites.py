@@ -7,6 +7,9 @@ or reuse any suite with a guest-only profile, as the sanity entries do. Fixtures
 an LIO target) start them inside the guest: its 127.0.0.1 is its own.
 
 Run only some suites: TESSERA_E2E_SUITES=lvm-data,sanity-lvm (comma separated names).
+
+Lanes: the stage boots one guest per lane, the lanes in parallel (UML is uniprocessor; a CI machine has 2 cores), and
+each guest runs its lane's suites one after another. TESSERA_E2E_LANES sets the number (default: min(2, CPUs)).
 """
 from __future__ import annotations
 
@@ -20,16 +23,51 @@ class Suite:
     args: tuple[str, ...]         # pytest arguments, paths relative to the repo root
     description: str = ""
     timeout: float = 600.0        # seconds for this suite inside the guest
+    expected: float = 120.0       # seconds measured in a UML guest with two lanes on 2 cores: balances the lanes
 
 
 SUITES: list[Suite] = [
     Suite("lvm-data", ("tests/e2e/inguest/lvm",),
-          "LVM backend data path, thick and thin: restage, block, snapshot restore, clone, online grow, capacity"),
+          "LVM backend data path, thick and thin: restage, block, snapshot restore, clone, online grow, capacity",
+          expected=90),
     Suite("sanity-lvm", ("tests/sanity", "--sanity-profile", "lvm-thick", "--sanity-profile", "lvm-thin"),
-          "the CSI conformance suite against the LVM backend (thick and thin) on a loop-backed VG"),
+          "the CSI conformance suite against the LVM backend (thick and thin) on a loop-backed VG",
+          timeout=900, expected=370),
     Suite("flex-lvm", ("tests/e2e/inguest/flex",),
-          "FlexVolume shim + provisioner PVC-to-mount walk on LVM (thick and thin), the shim called as kubelet calls it"),
+          "FlexVolume shim + provisioner PVC-to-mount walk on LVM (thick and thin), the shim called as kubelet calls it",
+          expected=30),
+    Suite("iscsi-data", ("tests/e2e/inguest/iscsi",),
+          "iSCSI backend data path: LIO target + open-iscsi via os-brick, CHAP, restage, online grow, shared sessions",
+          expected=70),
+    Suite("sanity-iscsi", ("tests/sanity", "--sanity-profile", "iscsi-lio-thin", "--sanity-profile", "iscsi-lio-file"),
+          "the CSI conformance suite against the iSCSI backend (LIO on thin LVs and on files, open-iscsi initiator)",
+          timeout=1200, expected=580),
+    Suite("sanity-rbd-kernel", ("tests/sanity", "--sanity-profile", "rbd-krbd", "--sanity-profile", "rbd-nbd"),
+          "the CSI conformance suite against the RBD backend with the kernel mounters (krbd, rbd-nbd) on a Ceph "
+          "cluster started inside the guest", timeout=1200, expected=320),
 ]
+
+
+def lane_count() -> int:
+    raw = os.environ.get("TESSERA_E2E_LANES", "")
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"TESSERA_E2E_LANES={raw!r}: expected a positive number")
+        return int(raw)
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def plan_lanes(suites: list[Suite], lanes: int) -> list[list[Suite]]:
+    """Split suites over at most `lanes` guests so the longest lane is short: longest expected suite first, each to
+    the lane with the least work so far. Within a lane, suites keep their registry order."""
+    buckets: list[list[Suite]] = [[] for _ in range(max(1, lanes))]
+    load = [0.0] * len(buckets)
+    for suite in sorted(suites, key=lambda s: -s.expected):
+        i = load.index(min(load))
+        buckets[i].append(suite)
+        load[i] += suite.expected
+    order = {s.name: n for n, s in enumerate(suites)}
+    return [sorted(b, key=lambda s: order[s.name]) for b in buckets if b]
 
 
 def selected() -> list[Suite]:

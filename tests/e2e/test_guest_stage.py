@@ -1,11 +1,13 @@
-"""The e2e stage on the host: boot ONE real-kernel guest, run every registered in-guest suite in it
-(tests/e2e/suites.py), and turn what happened inside into host test results — one host test per suite, failing with
-the inner counts and failure messages, plus one for the guest itself (boot, timeouts, death).
+"""The e2e stage on the host: boot one real-kernel guest per lane (two lanes in parallel on a 2-core machine), run
+the registered in-guest suites in them (tests/e2e/suites.py), and turn what happened inside into host test results —
+one host test per suite, failing with the inner counts and failure messages, plus one for the guests themselves
+(boot, timeouts, death).
 
     .venv/bin/python -m pytest -m e2e tests/e2e              # the whole stage (UML)
     TESSERA_GUEST=qemu .venv/bin/python -m pytest -m e2e tests/e2e
     TESSERA_E2E_SUITES=lvm-data .venv/bin/python -m pytest -m e2e tests/e2e
-    TESSERA_E2E_RESULTS=/some/dir ...                         # keep console.log and junit-*.xml there
+    TESSERA_E2E_LANES=1 ...                                   # everything in one guest
+    TESSERA_E2E_RESULTS=/some/dir ...                         # keep lane-N/console.log and junit-*.xml there
 
 The guest's console is streamed to the terminal while it runs (pytest capture is suspended for it).
 """
@@ -13,17 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 
 import pytest
 
 from tests.conftest import require, strict
 from tests.e2e.junitsum import read_junit
-from tests.e2e.suites import Suite, selected
+from tests.e2e.suites import Suite, lane_count, plan_lanes, selected
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(os.path.dirname(_HERE))
@@ -42,15 +46,40 @@ def _guest_module():
 
 guest = _guest_module()
 SUITES = selected()
-# one boot runs every suite inside the first test's fixture: the per-test timeout must cover the whole stage
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(sum(s.timeout for s in SUITES) + 600)]
+LANES = plan_lanes(SUITES, lane_count())
+_LANE_TIMEOUTS = [sum(s.timeout for s in lane) + 120 for lane in LANES]
+# one boot per lane runs every suite inside the first test's fixture: the per-test timeout must cover the longest lane
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(max(_LANE_TIMEOUTS) + 600)]
+
+
+class _Prefixed(io.TextIOBase):
+    """A console stream that prefixes each line with its lane, so parallel guests stay readable."""
+
+    def __init__(self, prefix: str, out) -> None:
+        self.prefix, self.out, self.lock = prefix, out, _PRINT_LOCK
+        self.partial = ""
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        if lines:
+            with self.lock:
+                self.out.write("".join(f"{self.prefix}{line}\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.out.flush()
+
+
+_PRINT_LOCK = threading.Lock()
 
 
 @dataclass
 class Stage:
-    result: object  # guest.GuestResult
-    results_dir: str
-    suites: dict
+    results: list  # guest.GuestResult per lane
+    lanes: list    # the suites of each lane
+    suites: dict   # suite name -> entry of its lane's suites.json (+ "lane": index)
 
 
 @pytest.fixture(scope="module")
@@ -61,36 +90,56 @@ def stage(request, tmp_path_factory) -> Stage:
     else:
         require(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 (apt-get install qemu-system-x86)")
     results = os.environ.get("TESSERA_E2E_RESULTS") or str(tmp_path_factory.mktemp("e2e-results"))
-    os.makedirs(results, exist_ok=True)
-    argv = [sys.executable, os.path.join(_HERE, "inguest_run.py"), results, *[s.name for s in SUITES]]
     env = {k: os.environ[k] for k in ("CI", "TESSERA_REQUIRE_ALL") if k in os.environ}
     capman = request.config.pluginmanager.getplugin("capturemanager")
     ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+    out: list = [None] * len(LANES)
+
+    def run_lane(i: int) -> None:
+        lane_dir = os.path.join(results, f"lane-{i}")
+        os.makedirs(lane_dir, exist_ok=True)
+        argv = [sys.executable, os.path.join(_HERE, "inguest_run.py"), lane_dir, *[s.name for s in LANES[i]]]
+        try:
+            out[i] = guest.run_in_guest(argv, shared_dir=lane_dir, cwd=_REPO, env=env, scratch_mib=8192,
+                                        timeout=_LANE_TIMEOUTS[i], stream=_Prefixed(f"[lane {i}] ", sys.stdout))
+        except Exception as e:  # noqa: BLE001 - a guest that cannot start is this lane's failure, not a hang
+            out[i] = guest.GuestResult(kind=kind, rc=-1, ok=False, error=f"could not start the guest: {e!r}")
+
     with ctx:
-        print(f"\n[e2e] booting one {kind} guest for suites: {', '.join(s.name for s in SUITES)}", flush=True)
-        res = guest.run_in_guest(argv, shared_dir=results, cwd=_REPO, env=env, scratch_mib=8192,
-                                 timeout=sum(s.timeout for s in SUITES) + 120)
+        for i, lane in enumerate(LANES):
+            print(f"\n[e2e] lane {i}: one {kind} guest for suites: {', '.join(s.name for s in lane)}", flush=True)
+        threads = [threading.Thread(target=run_lane, args=(i,), name=f"e2e-lane-{i}") for i in range(len(LANES))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     suites: dict = {}
-    try:
-        with open(os.path.join(results, "suites.json")) as f:
-            suites = json.load(f)
-    except (OSError, ValueError):
-        pass
-    return Stage(res, results, suites)
+    for i in range(len(LANES)):
+        try:
+            with open(os.path.join(results, f"lane-{i}", "suites.json")) as f:
+                for name, entry in json.load(f).items():
+                    suites[name] = {**entry, "lane": i}
+        except (OSError, ValueError):
+            pass
+    return Stage(out, LANES, suites)
 
 
 def test_guest_ran_to_completion(stage: Stage) -> None:
-    r = stage.result
-    print(f"guest kind={r.kind} ready after {r.boot_seconds}s, whole stage {r.total_seconds}s, "
-          f"modules missing: {r.status.get('modules_missing')}")
-    assert not r.error, (f"{r.kind} guest: {r.error}\nlast console lines:\n" + "\n".join(r.tail[-30:]) +
-                         f"\nfull console log: {r.log_path}")
+    problems = []
+    for i, r in enumerate(stage.results):
+        print(f"lane {i}: guest kind={r.kind} ready after {r.boot_seconds}s, whole lane {r.total_seconds}s, "
+              f"modules missing: {r.status.get('modules_missing')}")
+        if r.error:
+            problems.append(f"lane {i} {r.kind} guest: {r.error}\nlast console lines:\n" + "\n".join(r.tail[-30:]) +
+                            f"\nfull console log: {r.log_path}")
+    assert not problems, "\n\n".join(problems)
 
 
 @pytest.mark.parametrize("suite", SUITES, ids=[s.name for s in SUITES])
 def test_in_guest_suite(stage: Stage, suite: Suite) -> None:
-    r = stage.result
     entry = stage.suites.get(suite.name)
+    lane = entry["lane"] if entry else next(i for i, ln in enumerate(stage.lanes) if suite in ln)
+    r = stage.results[lane]
     where = f"[{r.kind} guest; console log {r.log_path}]"
     assert entry is not None, f"suite {suite.name} did not run inside the guest ({r.error or 'guest stopped early'}) {where}"
     junit = entry["junit"]

@@ -5,6 +5,8 @@ e2e guest (tests/e2e/suites.py runs them there)."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 from tests.e2e.lio import lio_available, write_config
 from tests.e2e.vg import device_mapper_available, make_loop_vg
@@ -20,8 +22,11 @@ def _thin(request, workdir: str) -> ProfileSetup:
 
 
 def _file(request, workdir: str) -> ProfileSetup:
-    path = write_config(os.path.join(workdir, "config.yaml"), directory=os.path.join(workdir, "store"))
-    return ProfileSetup(config=path)
+    # the store on the guest's scratch disk: the guest's /tmp is RAM, too small for a default-size (1 GiB) volume
+    base = os.environ.get("TESSERA_SCRATCH") or workdir
+    store = tempfile.mkdtemp(prefix="sanity-iscsi-store-", dir=base)
+    path = write_config(os.path.join(workdir, "config.yaml"), directory=store)
+    return ProfileSetup(config=path, teardown=lambda: shutil.rmtree(store, ignore_errors=True))
 
 
 if lio_available() and device_mapper_available():

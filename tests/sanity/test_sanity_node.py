@@ -377,14 +377,18 @@ def test_mount_flags_honoured(plugin, ledger):
 def test_reader_only_mode_publishes_read_only(plugin, ledger):
     requires_stage(plugin)
     cap = mount_cap("ext4", "SINGLE_NODE_READER_ONLY")
-    vol = make_volume(plugin, ledger, mount_cap("ext4"))
-    # format first through a writer stage, as a CO restoring data would; a blank reader-only volume may be refused
+    writer = mount_cap("ext4")
+    vol = make_volume(plugin, ledger, writer)
+    # format first through a writer stage, as a CO restoring data would; a blank reader-only volume may be refused.
+    # The CO's order each time: ControllerPublish (with the capability), stage; unstage, ControllerUnpublish.
     staging = plugin.staging_dir()
-    ledger.stage(vol, staging, mount_cap("ext4"))
+    ledger.stage(vol, staging, writer, ledger.controller_publish(vol.volume_id, writer))
     ledger.unstage(vol.volume_id, staging)
-    ledger.stage(vol, staging, cap)
+    ledger.controller_unpublish(vol.volume_id)
+    pctx = ledger.controller_publish(vol.volume_id, cap, readonly=True)
+    ledger.stage(vol, staging, cap, pctx)
     target = plugin.target_path()
-    ledger.publish(vol, staging, target, cap)
+    ledger.publish(vol, staging, target, cap, publish_context=pctx)
     check_published(plugin, cap, target, True)
 
 
@@ -520,6 +524,8 @@ class TestNodeExpand:
     @pytest.mark.parametrize("kind", ["xfs", "block"])
     def test_online_expand(self, plugin, ledger, kind):
         plugin.require("EXPAND_VOLUME")
+        if plugin.client.expansion_type() != pb.PluginCapability.VolumeExpansion.ONLINE:
+            pytest.skip("not applicable: the plugin advertises OFFLINE volume expansion (test_offline_expand covers it)")
         vol, cap, staging, pctx = staged_volume(plugin, ledger, kind)
         target = plugin.target_path()
         ledger.publish(vol, staging, target, cap, publish_context=pctx)
@@ -546,3 +552,53 @@ class TestNodeExpand:
         else:
             st = os.statvfs(target)
             assert st.f_blocks * st.f_frsize > plugin.size_for(kind) * 1.5, "the filesystem did not grow"
+
+
+@pytest.mark.parametrize("kind", ["xfs", "block"])
+def test_offline_expand(plugin, ledger, kind):
+    """The CO's OFFLINE flow, which every plugin that expands must support: the volume is detached from the node,
+    ControllerExpandVolume grows it, and after the next stage (and NodeExpandVolume when asked for) the filesystem or
+    device has the new size, with the data written before intact."""
+    plugin.require("EXPAND_VOLUME")
+    vol, cap, staging, pctx = staged_volume(plugin, ledger, kind)
+    target = plugin.target_path()
+    ledger.publish(vol, staging, target, cap, publish_context=pctx)
+    marker = os.urandom(4096)
+    if kind == "block":
+        fd = os.open(target, os.O_WRONLY)
+        try:
+            os.pwrite(fd, marker, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    else:
+        with open(os.path.join(target, "marker"), "wb") as f:
+            f.write(marker)
+    ledger.unpublish(vol.volume_id, target)
+    ledger.unstage(vol.volume_id, staging)
+    ledger.controller_unpublish(vol.volume_id)
+    new_size = plugin.size_for(kind) * 2
+    resp = plugin.client.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id, capacity_range=pb.CapacityRange(required_bytes=new_size), volume_capability=cap),
+        timeout=120)
+    assert resp.capacity_bytes >= new_size
+    pctx = ledger.controller_publish(vol.volume_id, cap)
+    ledger.stage(vol, staging, cap, pctx)
+    ledger.publish(vol, staging, target, cap, publish_context=pctx)
+    if resp.node_expansion_required:
+        got = node(plugin).NodeExpandVolume(pb.NodeExpandVolumeRequest(
+            volume_id=vol.volume_id, volume_path=target, staging_target_path=staging, volume_capability=cap,
+            capacity_range=pb.CapacityRange(required_bytes=new_size)), timeout=120)
+        assert got.capacity_bytes == 0 or got.capacity_bytes >= new_size
+    if kind == "block":
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_END) >= new_size
+            assert os.pread(fd, len(marker), 0) == marker
+        finally:
+            os.close(fd)
+    else:
+        st = os.statvfs(target)
+        assert st.f_blocks * st.f_frsize > plugin.size_for(kind) * 1.5, "the filesystem did not grow"
+        with open(os.path.join(target, "marker"), "rb") as f:
+            assert f.read() == marker
