@@ -70,3 +70,18 @@ def test_uml_xstate_mode_override(monkeypatch) -> None:
     assert guest.choose_kind() == "uml"
     with pytest.raises(guest.GuestError):
         guest.choose_kind("vmware")
+
+
+def test_plan_lanes_balances_and_keeps_every_suite(monkeypatch) -> None:
+    s = [suites.Suite(n, (), expected=e) for n, e in (("a", 500), ("b", 300), ("c", 250), ("d", 100), ("e", 60))]
+    lanes = suites.plan_lanes(s, 2)
+    assert sorted(x.name for lane in lanes for x in lane) == ["a", "b", "c", "d", "e"]
+    loads = sorted(sum(x.expected for x in lane) for lane in lanes)
+    assert loads == [600, 610]  # longest first, each to the lighter lane: a+d, b+c+e
+    assert all([x.name for x in lane] == sorted(x.name for x in lane) for lane in lanes)  # registry order kept
+    assert suites.plan_lanes(s, 1) == [s] and len(suites.plan_lanes(s[:1], 4)) == 1
+    monkeypatch.setenv("TESSERA_E2E_LANES", "0")
+    with pytest.raises(ValueError):
+        suites.lane_count()
+    monkeypatch.setenv("TESSERA_E2E_LANES", "3")
+    assert suites.lane_count() == 3
