@@ -163,7 +163,16 @@ class Backend(abc.ABC):
         """Raise InvalidArgument for an unknown or malformed StorageClass parameter."""
 
     def probe(self) -> None:
-        """Raise BackendUnavailable when the storage cannot be used right now (Probe RPC)."""
+        """Raise BackendUnavailable when the storage cannot be used right now (Probe RPC of a controller)."""
+
+    def node_probe(self) -> None:
+        """Raise BackendUnavailable when this node cannot attach the backend's volumes (Probe RPC of a node plugin).
+
+        Why apart from `probe`: a node plugin's liveness must not follow the storage's control plane (a Ceph
+        outage, an iSCSI target host's reboot must not restart every node plugin). Node-local backends keep their
+        storage on the node, so by default the two are the same check for them and nothing for shared backends."""
+        if self.features().node_local:
+            self.probe()
 
     def close(self) -> None:
         """Release connections at shutdown."""

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 import subprocess
 import threading
@@ -283,6 +284,15 @@ class RbdBackend(Backend):
         conn = self._conn({})
         with self._ceph("probe", conn):
             conn.ioctx(self.options.pool)
+
+    _MOUNTER_TOOLS = {"krbd": "rbd", "nbd": "rbd-nbd", "fuse": "rbd-fuse"}
+
+    def node_probe(self) -> None:
+        """The node maps images with the configured mounter's tool; Ceph itself is the controller's concern."""
+        tool = self._MOUNTER_TOOLS[self.options.mounter]
+        if shutil.which(tool) is None:
+            raise BackendUnavailable(f"rbd backend {self.name!r}: mounter {self.options.mounter} needs {tool!r} on "
+                                     "this node (ceph-common / rbd-nbd / rbd-fuse)")
 
     def close(self) -> None:
         with self._conns_lock:

@@ -1,6 +1,9 @@
 """CSI Identity service."""
 from __future__ import annotations
 
+import json
+import logging
+
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from backends.errors import TesseraError
@@ -11,12 +14,14 @@ from ._pb import csi_pb2_grpc as rpc
 from .registry import Backends
 
 _Svc = pb.PluginCapability.Service
+log = logging.getLogger(__name__)
 
 
 class IdentityService(rpc.IdentityServicer):
-    def __init__(self, backends: Backends, controller: bool) -> None:
+    def __init__(self, backends: Backends, controller: bool, node: bool = True) -> None:
         self.backends = backends
         self.controller = controller
+        self.node = node
 
     def GetPluginInfo(self, request, context):
         return pb.GetPluginInfoResponse(name=self.backends.config.driver_name, vendor_version=constants.VENDOR_VERSION,
@@ -35,11 +40,16 @@ class IdentityService(rpc.IdentityServicer):
         return pb.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, request, context):
-        """Ready when every backend answers its probe; a failing backend is reported as not ready (the message of
-        the failure goes to the log through the interceptor when it raises)."""
+        """Ready when every backend answers the probes of the services this process serves: the controller's
+        (storage reachable) and/or the node's (this node can attach). A failure is logged and reported as not ready."""
         for b in self.backends:
             try:
-                b.probe()
-            except TesseraError:
+                if self.controller:
+                    b.probe()
+                if self.node:
+                    b.node_probe()
+            except TesseraError as e:
+                log.warning('{"event": "probe", "backend": "%s", "ready": false, "message": %s}', b.name,
+                            json.dumps(str(e)))
                 return pb.ProbeResponse(ready=BoolValue(value=False))
         return pb.ProbeResponse(ready=BoolValue(value=True))

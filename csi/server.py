@@ -92,7 +92,7 @@ def build(config: Config, endpoint: str, node_name: str, mode: str = "all", work
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                          interceptors=[RpcInterceptor()])
     controller = mode in ("all", "controller")
-    rpc.add_IdentityServicer_to_server(IdentityService(backends, controller), server)
+    rpc.add_IdentityServicer_to_server(IdentityService(backends, controller, mode in ("all", "node")), server)
     if controller:
         rpc.add_ControllerServicer_to_server(ControllerService(ControllerOps(backends, locks)), server)
     if mode in ("all", "node"):

@@ -151,3 +151,25 @@ def test_invalid_config_stops_with_every_problem(tmp_path):
     assert "backends.a.directory: Field required" in r.stderr
     assert "backends.b.type: unknown backend type 'nope'" in r.stderr
     assert "defaultBackend: required" in r.stderr
+
+
+@pytest.mark.parametrize("mode,ready", [("node", True), ("controller", False), ("all", False)])
+def test_probe_follows_the_services_served(tmp_path, mode, ready):
+    """A node plugin's liveness must not follow the storage's control plane: with the Ceph monitors unreachable,
+    the node plugin (which needs only the mounter's tool) is ready, a controller is not, and says why in its log."""
+    dead = _free_port()
+    cfg = tmp_path / "config.yaml"
+    key = tmp_path / "keyring"
+    key.write_text("[client.csi]\n\tkey = AQBw3ZxlAAAAABAAWdZQ5oA3rDqQnW0gDZ9mEg==\n")
+    cfg.write_text(f"backends:\n  ceph:\n    type: rbd\n    monitors: ['127.0.0.1:{dead}']\n    user: csi\n"
+                   f"    keyringPath: {key}\n    pool: rbd\n    mounter: fuse\n    connectTimeout: 1\n")
+    proc, sock = _start(tmp_path, "--config", str(cfg), "--mode", mode)
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            resp = rpc.IdentityStub(ch).Probe(pb.ProbeRequest(), timeout=30)
+        assert resp.ready.value is ready
+    finally:
+        rc, err = _stop(proc)
+    assert rc == 0
+    if not ready:
+        assert '"event": "probe"' in err and "ceph" in err
