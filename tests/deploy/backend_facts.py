@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Mapping
+from typing import Any, Mapping
 
 from backends import backend_class, backend_types  # noqa: F401  (re-exported for the tests)
+from backends.base import Features
 from backends.errors import InvalidArgument
 from csi import constants
 
@@ -41,11 +42,20 @@ def validate_sc_parameters(type_name: str, parameters: Mapping[str, str]) -> Non
     cls.validate_parameters(cls.__new__(cls), params)
 
 
+def backend_features(cfg: Any) -> Features:
+    """The Features a configured backend (csi.config.BackendConfig) reports, from a bare instance holding its
+    options: features() reads options only, so no connection to storage is made."""
+    cls = backend_class(cfg.type)
+    b = cls.__new__(cls)
+    b.name, b.options = cfg.name, cfg.options
+    return b.features()
+
+
 def secret_keys(type_name: str) -> frozenset[str]:
     """The CSI secret keys a backend reads: its module's SECRET_* string constants (rbd: userID, userKey)."""
     mod = backend_module(type_name)
     return frozenset(v for k, v in vars(mod).items() if k.startswith("SECRET_") and isinstance(v, str))
 
 
-__all__ = ["InvalidArgument", "RESERVED_PREFIX", "RESERVED_SC_KEYS", "RESERVED_SNAPSHOT_KEYS", "backend_module",
-           "backend_types", "secret_keys", "validate_sc_parameters"]
+__all__ = ["InvalidArgument", "RESERVED_PREFIX", "RESERVED_SC_KEYS", "RESERVED_SNAPSHOT_KEYS", "backend_features",
+           "backend_module", "backend_types", "secret_keys", "validate_sc_parameters"]

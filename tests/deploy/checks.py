@@ -14,11 +14,11 @@ import yaml
 
 from csi import constants
 from csi.cli import parser as cli_parser
-from csi.config import parse_config
+from csi.config import Config, parse_config
 
 from . import backend_facts as bf
-from .k8s import (Doc, address_port, container, containers, flag, of_kind, pod_spec, port_of,  # noqa: F401
-                  substitute_env, volume_for_mount)
+from .k8s import (Doc, address_port, container, containers, flag, mount_for, of_kind, pod_spec,  # noqa: F401
+                  port_of, substitute_env, volume_for_mount)
 
 PLUGIN = "tessera-csi"
 SOCKET_MOUNT = posixpath.dirname(constants.CONTROLLER_SOCKET_PATH)  # /csi in every pod
@@ -26,6 +26,10 @@ CSI_ADDRESS = constants.CONTROLLER_SOCKET_PATH                      # what every
 NODE_HOST_PATHS = ("/dev", "/sys", "/run/udev", "/lib/modules", "/etc/iscsi", "/var/lib/iscsi", "/run/lock/lvm")
 # Backend types whose volumes live on one node (Features.node_local in backends/file.py and backends/lvm.py).
 NODE_LOCAL_TYPES = frozenset({"file", "lvm"})
+# Backend options naming a file with a credential, and the plugin modes that read it: the rbd backend reads its
+# keyring in the controller (connections without CSI secrets: Probe, ListVolumes, GetCapacity) and on the node
+# (Probe, `rbd map --keyring`); the iscsi backend reads its CHAP key only in ControllerPublish.
+SECRET_FILE_OPTIONS = {("rbd", "keyringPath"): ("controller", "node"), ("iscsi", "chapKeyFile"): ("controller",)}
 
 
 # The flags of the pinned sidecar releases that the deploy files may use (from each sidecar's documented flags).
@@ -90,6 +94,17 @@ def check_images(docs: list[Doc]) -> None:
             assert image_pinned(c["image"]), f"{d!r} container {c['name']}: image {c['image']!r} is not pinned"
 
 
+def plugin_config(doc: Doc, configmaps: dict[str, str]) -> Config:
+    """The config the plugin container of a workload reads: --config, mounted from a ConfigMap of the install."""
+    c = container(doc, PLUGIN)
+    a = plugin_args(c)
+    assert a.config == constants.DEFAULT_CONFIG_PATH, f"{doc!r}: --config {a.config}"
+    vol = volume_for_mount(doc, c, a.config)
+    assert vol and "configMap" in vol, f"{doc!r}: {a.config} is not mounted from a ConfigMap"
+    assert vol["configMap"]["name"] in configmaps, f"{doc!r}: ConfigMap {vol['configMap']['name']} is not installed"
+    return parse_config(yaml.safe_load(configmaps[vol["configMap"]["name"]]), vol["configMap"]["name"])
+
+
 def check_plugin_container(doc: Doc, configmaps: dict[str, str]) -> None:
     c = container(doc, PLUGIN)
     a = plugin_args(c)
@@ -97,11 +112,7 @@ def check_plugin_container(doc: Doc, configmaps: dict[str, str]) -> None:
     assert a.endpoint == f"unix://{CSI_ADDRESS}", f"{doc!r}: --endpoint {a.endpoint}"
     assert any(m["mountPath"] == SOCKET_MOUNT for m in c["volumeMounts"]), f"{doc!r}: no socket dir at {SOCKET_MOUNT}"
     # config: the default path, mounted from a ConfigMap of this install whose content the code accepts
-    assert a.config == constants.DEFAULT_CONFIG_PATH, f"{doc!r}: --config {a.config}"
-    vol = volume_for_mount(doc, c, a.config)
-    assert vol and "configMap" in vol, f"{doc!r}: {a.config} is not mounted from a ConfigMap"
-    assert vol["configMap"]["name"] in configmaps, f"{doc!r}: ConfigMap {vol['configMap']['name']} is not installed"
-    config = parse_config(yaml.safe_load(configmaps[vol["configMap"]["name"]]), vol["configMap"]["name"])
+    config = plugin_config(doc, configmaps)
     state_dir = a.state_dir or config.state_dir
     assert state_dir == constants.DEFAULT_STATE_DIR, f"{doc!r}: state dir {state_dir}"
     # node id from the downward API
@@ -208,6 +219,79 @@ def check_install(docs: list[Doc], attach_required: Optional[bool] = None) -> No
         f"one node plugin and one controller per install: {roles}"
     for sa in {pod_spec(d).get("serviceAccountName") for d in workloads(docs)}:
         assert sa in {d.name for d in of_kind(docs, "ServiceAccount")}, f"ServiceAccount {sa} is not installed"
+    check_backends_fit_the_install(docs)
+
+
+def check_backends_fit_the_install(docs: list[Doc]) -> None:
+    """The backends each plugin is configured with can be served by this install's shape: ControllerPublish needs
+    attachRequired (csi-attacher), and a per-node controller serves exactly the node-local backends (CreateVolume
+    must run where the volume will live), a central one none of them."""
+    attach = of_kind(docs, "CSIDriver")[0].obj["spec"]["attachRequired"]
+    cms = configmaps_of(docs)
+    for d in plugin_workloads(docs):
+        feats = {n: bf.backend_features(b) for n, b in plugin_config(d, cms).backends.items()}
+        if not attach:
+            publish = sorted(n for n, f in feats.items() if f.controller_publish)
+            assert not publish, f"{d!r}: attachRequired is false, but backends {publish} need ControllerPublish"
+        if role(d) == "controller":
+            local = sorted(n for n, f in feats.items() if f.node_local)
+            if d.kind == "DaemonSet":
+                assert local == sorted(feats), f"{d!r}: a per-node controller serves shared backends {sorted(feats)}"
+            else:
+                assert not local, f"{d!r}: a central controller serves node-local backends {local}"
+
+
+def secret_keys_of(secret: Doc) -> set[str]:
+    return set(secret.obj.get("stringData") or {}) | set(secret.obj.get("data") or {})
+
+
+def check_secret_files(docs: list[Doc], secrets: list[Doc]) -> list[tuple[Doc, str, Doc, str]]:
+    """Every credential file a plugin's config names (SECRET_FILE_OPTIONS) is mounted in that plugin from a Secret
+    (one of `secrets`: installed, or made by the documented commands) holding the key, and is readable by the
+    plugin's user. Returns (workload, file, Secret, key) for each, for further checks of the content."""
+    cms = configmaps_of(docs)
+    available = {(d.obj["metadata"].get("namespace"), d.name): d for d in secrets}
+    found = []
+    for d in plugin_workloads(docs):
+        c = container(d, PLUGIN)
+        mode_of = role(d)
+        for b in plugin_config(d, cms).backends.values():
+            for (type_name, option), modes in SECRET_FILE_OPTIONS.items():
+                path = getattr(b.options, option, None) if b.type == type_name else None
+                if not path or mode_of not in modes:
+                    continue
+                where = f"{d!r}: backends.{b.name}.{option} {path}"
+                mv = mount_for(d, c, path)
+                assert mv and "secret" in mv[1], f"{where} is not mounted from a Secret"
+                mount, vol = mv
+                rel = posixpath.relpath(path, mount["mountPath"])
+                items = vol["secret"].get("items")
+                key = next((i["key"] for i in items if i["path"] == rel), None) if items else rel
+                assert key, f"{where}: the Secret volume {vol['name']} has no item at {rel}"
+                ref = (d.obj["metadata"].get("namespace"), vol["secret"]["secretName"])
+                assert ref in available, f"{where}: Secret {ref[1]} is neither installed nor made by the instructions"
+                assert key in secret_keys_of(available[ref]), f"{where}: Secret {ref[1]} has no key {key}"
+                pod_sc = pod_spec(d).get("securityContext", {})
+                uid = c.get("securityContext", {}).get("runAsUser", pod_sc.get("runAsUser"))
+                if uid != 0:
+                    mode = vol["secret"].get("defaultMode", 0o644)
+                    fs_group = pod_sc.get("fsGroup")
+                    assert mode & 0o004 or (fs_group is not None and mode & 0o040), \
+                        f"{where}: uid {uid} cannot read it (defaultMode {mode:o}, fsGroup {fs_group})"
+                found.append((d, path, available[ref], key))
+    return found
+
+
+def check_expansion(docs: list[Doc]) -> None:
+    """A class that allows expansion needs a csi-resizer in the install (without one a resize stays pending)."""
+    resizer = any(container(d, "csi-resizer") is not None for d in workloads(docs))
+    for sc in of_kind(docs, "StorageClass"):
+        if sc.obj.get("allowVolumeExpansion"):
+            assert resizer, f"{sc!r}: allowVolumeExpansion is true but the install runs no csi-resizer"
+
+
+def resizer_args(docs: list[Doc]) -> list[list[str]]:
+    return [container(d, "csi-resizer")["args"] for d in workloads(docs) if container(d, "csi-resizer") is not None]
 
 
 def check_storage_classes(docs: list[Doc], configs: dict[str, str]) -> None:
@@ -218,6 +302,8 @@ def check_storage_classes(docs: list[Doc], configs: dict[str, str]) -> None:
         backends.update({n: b.type for n, b in cfg.backends.items()})
     secrets = {(d.obj["metadata"].get("namespace"), d.name): d for d in of_kind(docs, "Secret")}
     drivers = {d.name for d in of_kind(docs, "CSIDriver")}
+    if plugin_workloads(docs):
+        check_expansion(docs)
     for sc in of_kind(docs, "StorageClass"):
         o = sc.obj
         assert o["provisioner"] in drivers, f"{sc!r}: provisioner {o['provisioner']} is not this install's CSIDriver"
@@ -270,5 +356,15 @@ def storage_class_types(docs: list[Doc], configs: dict[str, str]) -> set[str]:
     return {backends[sc.obj["parameters"][constants.PARAM_BACKEND]] for sc in of_kind(docs, "StorageClass")}
 
 
-__all__ = ["check_install", "check_snapshot_classes", "check_storage_classes", "configmaps_of", "container",
-           "parse_config", "pod_spec", "posixpath", "storage_class_types", "volume_for_mount", "os"]
+def configured_backends(docs: list[Doc]) -> dict[str, Any]:
+    """name → BackendConfig of every ConfigMap config of an install."""
+    out: dict[str, Any] = {}
+    for name, text in configmaps_of(docs).items():
+        out.update(parse_config(yaml.safe_load(text), name).backends)
+    return out
+
+
+__all__ = ["check_backends_fit_the_install", "check_expansion", "check_install", "check_secret_files",
+           "check_snapshot_classes", "check_storage_classes", "configmaps_of", "configured_backends", "container",
+           "parse_config", "plugin_config", "pod_spec", "posixpath", "resizer_args", "secret_keys_of",
+           "storage_class_types", "volume_for_mount", "os"]

@@ -11,10 +11,40 @@ from backends import backend_types
 from csi import constants
 
 from . import checks
-from .k8s import CHART_DIR, Doc, container, helm_python, of_kind, render_chart, validate, values_files
+from .k8s import (CHART_DIR, KUBE_DIR, Doc, container, documented_commands, helm_python, kustomize_build, of_kind,
+                  render_chart, validate, values_files)
 
-CASES: dict[str, Optional[dict[str, Any]]] = {"default": None}
-CASES.update({f"values-{t}": yaml.safe_load(p.read_text()) for t, p in values_files().items()})
+# Stand-ins for the keys the operator passes with --set-string (a values file never holds a credential).
+OPERATOR_VALUES = {"secrets.ceph.userKey": "AQDsomeCephxKeyForTheTestsOnly0000000000==",
+                   "secrets.chap.key": "dGVzdC1vbmx5LWNoYXAta2V5LW9mLTMyLWJ5dGVzISE="}
+
+
+def set_strings(case: str) -> list[str]:
+    """The value paths the values file's `helm install` command passes with --set-string."""
+    if case == "default":
+        return []
+    out = []
+    for argv in documented_commands(values_files()[case.removeprefix("values-")]):
+        if argv[:2] == ["helm", "install"]:
+            out += [a.split("=", 1)[0] for prev, a in zip(argv, argv[1:]) if prev == "--set-string"]
+    return out
+
+
+def with_operator_values(case: str, values: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    values = copy.deepcopy(values)
+    for path in set_strings(case):
+        node = values
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = OPERATOR_VALUES[path]
+    return values
+
+
+SHIPPED: dict[str, Optional[dict[str, Any]]] = {"default": None}
+SHIPPED.update({f"values-{t}": yaml.safe_load(p.read_text()) for t, p in values_files().items()})
+# What `helm install` gets when the values file's documented command is run.
+CASES = {case: with_operator_values(case, v) for case, v in SHIPPED.items()}
 _RENDERS: dict[str, list[Doc]] = {}
 
 
@@ -123,6 +153,72 @@ def test_driver_name_override_reaches_every_object() -> None:
 def test_secrets_are_created_only_with_their_values() -> None:
     with pytest.raises(helm_python.HelmRenderError, match="userKey is required"):
         render_chart({"secrets": {"ceph": {"create": True, "name": "c", "userID": "u"}}})
+    with pytest.raises(helm_python.HelmRenderError, match="chap.key is required"):
+        render_chart({"secrets": {"chap": {"create": True, "name": "c"}}})
+
+
+@pytest.mark.parametrize("case", sorted(SHIPPED))
+def test_values_files_hold_no_credential(case: str) -> None:
+    """A values file leaves every credential empty (no placeholder to forget): its documented `helm install`
+    passes each with --set-string, and without them the install fails."""
+    if case == "default":
+        return
+    text = values_files()[case.removeprefix("values-")].read_text()
+    assert "REPLACE-WITH" not in text
+    if not set_strings(case):
+        return
+    with pytest.raises(helm_python.HelmRenderError, match="is required"):
+        render_chart(copy.deepcopy(SHIPPED[case]))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_backends_are_exactly_those_of_the_values(case: str) -> None:
+    """Helm merges maps: the chart's defaults must not add a backend to a values file's (each extra backend would
+    be probed by every plugin). With no backends given, the config is the plugin's embedded default."""
+    docs = rendered(case)
+    cfg = yaml.safe_load(checks.configmaps_of(docs)["tessera-config"])
+    if CASES[case] is None:
+        embedded = checks.parse_config({"stateDir": cfg["stateDir"]}, "embedded")
+        assert cfg["backends"] == {n: {"type": b.type, "directory": b.options.directory}
+                                   for n, b in embedded.backends.items()}
+        assert cfg["defaultBackend"] == embedded.default_backend
+    else:
+        assert cfg["backends"] == CASES[case]["config"]["backends"]
+        assert cfg.get("defaultBackend") == CASES[case]["config"].get("defaultBackend")
+
+
+def test_a_storage_class_naming_an_unconfigured_backend_fails() -> None:
+    values = copy.deepcopy(CASES["values-rbd"])
+    values["storageClasses"].append({"name": "tessera-file", "backend": "local"})
+    with pytest.raises(helm_python.HelmRenderError, match='backend "local" is not configured'):
+        render_chart(values)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_credential_files_are_mounted_from_secrets(case: str) -> None:
+    """Every credential file a config names (rbd keyringPath, iscsi chapKeyFile) is mounted, readable, in the
+    plugins that read it, from a Secret holding that key (made by the chart from the operator's value)."""
+    docs = rendered(case)
+    for _, path, secret, key in checks.check_secret_files(docs, of_kind(docs, "Secret")):
+        content = secret.obj["stringData"][key]
+        if key == "keyring":
+            user = secret.obj["stringData"]["userID"]
+            assert content == f"[client.{user}]\n\tkey = {OPERATOR_VALUES['secrets.ceph.userKey']}\n"
+        else:
+            assert content == OPERATOR_VALUES["secrets.chap.key"]
+
+
+def test_rbd_values_mount_the_keyring_in_controller_and_node() -> None:
+    docs = rendered("values-rbd")
+    mounted = {checks.role(d) for d, *_ in checks.check_secret_files(docs, of_kind(docs, "Secret"))}
+    assert mounted == {"controller", "node"}
+
+
+def test_resizer_flags_agree_with_kustomize() -> None:
+    helm = [a for case in CASES for a in checks.resizer_args(rendered(case))]
+    kustomize = checks.resizer_args(kustomize_build(KUBE_DIR / "shared"))
+    assert helm and kustomize
+    assert all(a == kustomize[0] for a in helm + kustomize), (helm, kustomize)
 
 
 def test_helm_lint_is_clean() -> None:
@@ -134,13 +230,10 @@ def test_helm_lint_is_clean() -> None:
 
 def test_iscsi_values_mount_the_chap_key_the_config_names() -> None:
     docs = rendered("values-iscsi")
-    cfg = checks.parse_config(yaml.safe_load(checks.configmaps_of(docs)["tessera-config"]), "config")
     ctrl = next(d for d in checks.plugin_workloads(docs) if checks.role(d) == "controller")
     plugin = container(ctrl, "tessera-csi")
     assert plugin["securityContext"]["privileged"] is True and ctrl.obj["spec"]["template"]["spec"]["hostNetwork"]
     assert ctrl.obj["spec"]["strategy"]["type"] == "Recreate"
-    key = cfg.backends["iscsi"].options.chapKeyFile
-    vol = checks.volume_for_mount(ctrl, plugin, key)
-    secret = next(d for d in of_kind(docs, "Secret") if d.name == vol["secret"]["secretName"])
-    assert checks.posixpath.basename(key) in secret.obj["stringData"]
+    files = checks.check_secret_files(docs, of_kind(docs, "Secret"))
+    assert [(checks.role(d), key) for d, _, _, key in files] == [("controller", "chap.key")]
     assert checks.volume_for_mount(ctrl, plugin, "/sys/kernel/config")["hostPath"]["path"] == "/sys"

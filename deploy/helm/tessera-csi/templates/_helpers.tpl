@@ -23,6 +23,28 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ .Values.node.kubeletDir }}/plugins/{{ .Values.driverName }}
 {{- end -}}
 
+{{/* The config's values with the backends filled in: those of config.backends and nothing else, or, when it is
+empty, the plugin's embedded default (one file backend `local` under <stateDir>/file). values.yaml keeps
+config.backends empty because Helm merges maps: a default backend there would join every values file's backends. */}}
+{{- define "tessera.configValues" -}}
+{{- $cfg := deepCopy .Values.config -}}
+{{- if not $cfg.backends -}}
+{{- $_ := set $cfg "backends" (dict "local" (dict "type" "file" "directory" (printf "%s/file" (trimSuffix "/" $cfg.stateDir)))) -}}
+{{- if not $cfg.defaultBackend -}}
+{{- $_ := set $cfg "defaultBackend" "local" -}}
+{{- end -}}
+{{- end -}}
+{{- if not $cfg.defaultBackend -}}
+{{- $_ := unset $cfg "defaultBackend" -}}
+{{- end -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* The names of the configured backends (after the embedded default is filled in), for the StorageClass check. */}}
+{{- define "tessera.backendNames" -}}
+{{- (include "tessera.configValues" . | fromYaml).backends | keys | sortAlpha | join "," -}}
+{{- end -}}
+
 {{- define "tessera.configHash" -}}
-{{ toYaml .Values.config | sha256sum | trunc 16 }}
+{{ include "tessera.configValues" . | sha256sum | trunc 16 }}
 {{- end -}}
