@@ -224,6 +224,23 @@ class Backend(abc.ABC):
         """Revoke access; `node` None means every node. Idempotent."""
 
     # ---- node -----------------------------------------------------------------------------------------------
+    def node_attributes_for_name(self, node_name: str) -> dict[str, str]:
+        """The node attributes (see `node_attributes`) of a node known by name only — a FlexVolume attach runs in
+        kube-controller-manager before anything runs on the node. Backends that need attributes derive them from
+        the name by a convention the operator configures, or raise FailedPrecondition saying what to set."""
+        return {}
+
+    def secret_publish_keys(self) -> frozenset[str]:
+        """Keys of this backend's publish context that are credentials. Where the publish context must travel
+        through a place others can read (a FlexVolume attach answer lands in the Node object's status), these keys
+        are left out and the node asks `node_publish_secrets` for them instead."""
+        return frozenset()
+
+    def node_publish_secrets(self, local_id: str) -> dict[str, str]:
+        """On the node: the credential part of the publish context (see `secret_publish_keys`), derived from what
+        this node's config holds. Raise FailedPrecondition when the node cannot derive them."""
+        return {}
+
     def node_attributes(self) -> dict[str, str]:
         """Facts about this node that the controller needs at publish (e.g. the iSCSI initiator IQN)."""
         return {}

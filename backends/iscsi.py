@@ -9,6 +9,9 @@ This is Cinder's LVM-iSCSI design in CSI form:
   node ID*: the node plugin's `node_attributes()` reports `{"iqn": ...}` and the core encodes it as
   `<node>?iqn=<iqn>` (csi/ids.py NodeRef) - NodeGetInfo's node ID is the only node data ControllerPublish receives,
   and topology would make every volume's accessibility depend on initiator names.
+  FlexVolume has no node ID: kube-controller-manager's attach names only the node, so there the IQN comes from
+  `initiatorNameTemplate` (e.g. `iqn.2026-01.com.example:{node}`), a naming convention the operator applies to every
+  node's /etc/iscsi/initiatorname.iscsi; see `node_attributes_for_name` and flex/shim.py.
 - CHAP (on by default): per-volume credentials, user = the volume's local id, password = HMAC-SHA256(controller key,
   volume id) in base32, so a retried publish returns the same secret without storing it anywhere readable. The key
   is `chapKeyFile` (created with 32 random bytes, mode 0600, when missing). The credentials go only into the
@@ -27,6 +30,7 @@ import logging
 import os
 import re
 import secrets as _secrets
+import string
 import threading
 import time
 from typing import Any, Iterable, Literal, Mapping, Optional
@@ -83,6 +87,10 @@ class IscsiOptions(BackendOptions):
     multipath: bool = Field(False, description="node: log in to every portal and use dm-multipath")
     forceDelete: bool = Field(False, description="delete volumes even while an initiator is logged in")
     initiatorName: Optional[str] = Field(None, description="node: initiator IQN (default /etc/iscsi/initiatorname.iscsi)")
+    initiatorNameTemplate: Optional[str] = Field(None, description=(
+        "FlexVolume attach only: a node's initiator IQN from its Kubernetes node name, e.g. "
+        "'iqn.2026-01.com.example:{node}' (kube-controller-manager's attach call names only the node); every node's "
+        "InitiatorName (/etc/iscsi/initiatorname.iscsi, or initiatorName) must be this IQN"))
     commandTimeout: float = Field(60.0, gt=0)
 
     @field_validator("iqnPrefix")
@@ -90,6 +98,23 @@ class IscsiOptions(BackendOptions):
     def _iqn(cls, v: str) -> str:
         if not _IQN_RE.match(v) or len(v) > 180:
             raise ValueError("must be an iqn.YYYY-MM.reverse.domain[:name] IQN")
+        return v
+
+    @field_validator("initiatorNameTemplate")
+    @classmethod
+    def _template(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        try:
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"is not a template: {e}") from None
+        if fields != [("node", "", None)]:
+            raise ValueError("must contain {node} exactly once and no other {...} field (a shared IQN would let "
+                             "every node log in to every volume and makes the target drop one node's session "
+                             "when another logs in)")
+        if not _IQN_RE.match(v.format(node="node-1")):
+            raise ValueError("must give an iqn.YYYY-MM.reverse.domain:name IQN, e.g. iqn.2026-01.com.example:{node}")
         return v
 
     @field_validator("portals")
@@ -166,6 +191,10 @@ class IscsiBackend(Backend):
     def probe(self) -> None:
         self.store.probe()
         self.driver.probe()
+
+    def node_probe(self) -> None:
+        """A node logs in with its initiator name; the target host is the controller's concern."""
+        self.initiator_name()
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def iqn(self, local_id: str) -> str:
@@ -309,13 +338,19 @@ class IscsiBackend(Backend):
         return [self._snapshot(o) for o in self.store.list(SNAPSHOT_PREFIX) if o.meta.get("kind") == "snapshot"]
 
     # ---- publish ----------------------------------------------------------------------------------------------
-    def _chap_key(self) -> bytes:
+    def _chap_key(self, create: bool = True) -> bytes:
         path = self.options.chapKeyFile or os.path.join(self.runtime.state_dir, f"iscsi-{self.name}.key")
         with self._lock:
             try:
                 with open(path, "rb") as f:
                     key = f.read()
             except FileNotFoundError:
+                if not create:
+                    raise FailedPrecondition(
+                        f"iscsi backend {self.name!r}: this node has no CHAP key file {path}. With FlexVolume the "
+                        "nodes derive each volume's CHAP secret themselves (attach's answer is stored in the Node "
+                        "object, readable by many, so it never carries the secret): give every node the "
+                        "controller's chapKeyFile, or set chap: false") from None
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 key = _secrets.token_bytes(32)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -329,9 +364,19 @@ class IscsiBackend(Backend):
                                      "bytes there (e.g. head -c 32 /dev/urandom | base64)")
         return key
 
-    def chap_for(self, local_id: str) -> Chap:
+    def secret_publish_keys(self) -> frozenset[str]:
+        return frozenset({"chapUser", "chapPassword"})
+
+    def node_publish_secrets(self, local_id: str) -> dict[str, str]:
+        if not self.options.chap:
+            return {}
+        chap = self.chap_for(local_id, create_key=False)
+        return {"chapUser": chap.user, "chapPassword": chap.password}
+
+    def chap_for(self, local_id: str, create_key: bool = True) -> Chap:
         """The volume's CHAP credentials (deterministic: a retried publish returns the same ones)."""
-        digest = hmac.new(self._chap_key(), b"tessera-iscsi-chap/" + local_id.encode(), hashlib.sha256).digest()
+        digest = hmac.new(self._chap_key(create_key), b"tessera-iscsi-chap/" + local_id.encode(),
+                          hashlib.sha256).digest()
         password = base64.b32encode(digest[:15]).decode().lower()  # 24 chars, fits every initiator's 12..16+ rule
         return Chap(user=local_id, password=password)
 
@@ -362,6 +407,24 @@ class IscsiBackend(Backend):
         if node is not None and not initiator:
             return  # such a node can never have been granted access
         self.driver.remove_acl(self.iqn(local_id), initiator)
+
+    def node_attributes_for_name(self, node_name: str) -> dict[str, str]:
+        """What a FlexVolume attach publishes to: kube-controller-manager calls it with the node name alone (no node
+        ID carrying the IQN, as CSI has), so the IQN comes from `initiatorNameTemplate`, a convention the operator
+        keeps on every node. The shim's node side (waitforattach, mountdevice) checks the node's real IQN against
+        it before any login. Without a template there is no way to know the IQN: FailedPrecondition."""
+        tpl = self.options.initiatorNameTemplate
+        if not tpl:
+            raise FailedPrecondition(
+                f"cannot attach to node {node_name}: the iscsi backend {self.name!r} grants access per initiator IQN, "
+                "and a FlexVolume attach (run by kube-controller-manager) names only the node; set "
+                "initiatorNameTemplate in the backend's config (e.g. \"iqn.2026-01.com.example:{node}\") and give "
+                "every node that InitiatorName in /etc/iscsi/initiatorname.iscsi (then restart iscsid)")
+        iqn = tpl.format(node=node_name)
+        if not _IQN_RE.match(iqn) or len(iqn.encode()) > 223:
+            raise InvalidArgument(f"initiatorNameTemplate of backend {self.name!r} gives {iqn!r} for node "
+                                  f"{node_name}, which is not a valid iSCSI initiator name (at most 223 bytes)")
+        return {"iqn": iqn}
 
     # ---- node -------------------------------------------------------------------------------------------------
     def node_attributes(self) -> dict[str, str]:

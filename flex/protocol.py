@@ -37,7 +37,13 @@ OPT_VOLUME_ID = "volumeID"
 OPT_MOUNT_OPTIONS = "mountOptions"   # comma-separated mount flags, like a StorageClass's mountOptions
 OPT_ACCESS_MODE = "accessMode"       # CSI access mode name; default SINGLE_NODE_WRITER
 
+# CSI access mode names `accessMode` may hold (backends.base.ALL_MODES, repeated to keep this module light)
+ACCESS_MODES = frozenset({"SINGLE_NODE_WRITER", "SINGLE_NODE_READER_ONLY", "SINGLE_NODE_SINGLE_WRITER",
+                          "SINGLE_NODE_MULTI_WRITER", "MULTI_NODE_READER_ONLY", "MULTI_NODE_SINGLE_WRITER",
+                          "MULTI_NODE_MULTI_WRITER"})
+
 DEVICE_PREFIX = "tessera-pc:"        # an attach "device" carrying the controller's publish context to the node
+DEVICE_NODE_KEY = "tessera/nodeID"   # inside the device: the node ID attach granted access to (not a secret)
 
 COMMANDS = ("init", "attach", "detach", "waitforattach", "isattached", "mountdevice", "unmountdevice", "mount",
             "unmount", "expandvolume", "expandfs", "getvolumename")
@@ -141,13 +147,17 @@ def parse_options(raw: str, require_volume_id: bool = True) -> FlexOptions:
             except (binascii.Error, UnicodeDecodeError):
                 raise UsageError(f"secret key {key!r} is not valid base64 text (kubelet sends secret values "
                                  "base64-encoded)") from None
+    mode = data.get(OPT_ACCESS_MODE) or "SINGLE_NODE_WRITER"
+    if mode not in ACCESS_MODES:
+        raise UsageError(f"{OPT_ACCESS_MODE} {mode!r} is not a CSI access mode "
+                         f"(one of {', '.join(sorted(ACCESS_MODES))})")
     pod = {k: data[k] for k in (OPT_POD_NAME, OPT_POD_NAMESPACE, OPT_POD_UID, OPT_SERVICE_ACCOUNT) if k in data}
     flags = tuple(f.strip() for f in data.get(OPT_MOUNT_OPTIONS, "").split(",") if f.strip())
     context = {k: v for k, v in data.items()
                if not k.startswith("kubernetes.io/") and k not in (OPT_VOLUME_ID, OPT_MOUNT_OPTIONS, OPT_ACCESS_MODE)}
     return FlexOptions(volume_id=vol, pv_name=data.get(OPT_PV_NAME, ""), fs_type=data.get(OPT_FS_TYPE, ""),
                        readonly=rw == "ro", fs_group=fs_group, secrets=secrets, pod=pod, mount_flags=flags,
-                       access_mode=data.get(OPT_ACCESS_MODE, "SINGLE_NODE_WRITER"), context=context)
+                       access_mode=mode, context=context)
 
 
 def _is_json_object(s: str) -> bool:
@@ -164,19 +174,33 @@ def split_json(args: Sequence[str], n_plain: int, command: str, usage: str) -> t
     return js[0], plain
 
 
-def encode_device(publish_context: Mapping[str, str]) -> str:
-    """attach's answer: kubelet hands it to waitforattach and mountdevice on the node unchanged."""
-    if not publish_context:
+def encode_device(publish_context: Mapping[str, str], node_id: str = "") -> str:
+    """attach's answer: kubelet hands it to waitforattach and mountdevice on the node unchanged. `node_id`: the node
+    (with the attributes, e.g. the iSCSI initiator IQN) that attach granted access to, so the node can check that it
+    is that node before it tries to log in. The device also lands in the Node object's status.volumesAttached."""
+    if not publish_context and not node_id:
         return ""
-    raw = json.dumps(dict(publish_context), sort_keys=True).encode()
+    data = dict(publish_context)
+    if node_id:
+        data[DEVICE_NODE_KEY] = node_id
+    raw = json.dumps(data, sort_keys=True).encode()
     return DEVICE_PREFIX + base64.urlsafe_b64encode(raw).decode()
 
 
-def decode_device(device: str) -> dict[str, str]:
+def decode_attach(device: str) -> tuple[dict[str, str], str]:
+    """(publish context, node ID attach granted access to or "") from attach's device string."""
     if not device.startswith(DEVICE_PREFIX):
-        return {}
+        return {}, ""
     try:
         data = json.loads(base64.urlsafe_b64decode(device[len(DEVICE_PREFIX):]))
     except (binascii.Error, ValueError):
         raise UsageError(f"device {device[:60]!r} was not made by this driver's attach") from None
-    return {str(k): str(v) for k, v in data.items()}
+    if not isinstance(data, dict):
+        raise UsageError(f"device {device[:60]!r} was not made by this driver's attach")
+    pc = {str(k): str(v) for k, v in data.items()}
+    return pc, pc.pop(DEVICE_NODE_KEY, "")
+
+
+def decode_device(device: str) -> dict[str, str]:
+    """The publish context alone (what NodeStage gets)."""
+    return decode_attach(device)[0]

@@ -13,10 +13,24 @@ Mapping (kubelet call → CSI code):
   `mount`/`unmount` are NodePublish/NodeUnpublish.
 - expandvolume → ControllerExpandVolume; expandfs → NodeExpandVolume.
 
+The node behind `attach`: CSI's ControllerPublish gets the node ID that the node plugin reported, with what the
+backend needs to grant access (the iSCSI initiator IQN: `node?iqn=...`, csi/ids.py NodeRef). A Flex `attach` runs in
+kube-controller-manager and gets the node *name* only, and it happens before anything runs on the node, so nothing
+the node could report in time exists. The backend therefore derives the attributes from the name by a convention
+the operator configures and applies to the nodes (`node_attributes_for_name`; iscsi: `initiatorNameTemplate`,
+e.g. "iqn.2026-01.com.example:{node}", with every node's InitiatorName set to match). Without that convention
+attach fails with a message saying what to set. The node ID granted travels to the node inside attach's device
+string; `waitforattach` and `mountdevice` check it against the node's own attributes and fail with both values
+when they differ (a login that the target would refuse, with a far less clear error). `detach` unpublishes exactly
+the node ID that attach recorded. The device string ends up in the Node object's status, so it never carries
+credentials (`Backend.secret_publish_keys`): the node derives them from its own config (`node_publish_secrets`;
+iscsi: the CHAP key file, which Flex nodes therefore need as well).
+
 Output discipline: kubelet parses stdout+stderr combined as one JSON object, so file descriptors 1 and 2 are
 pointed at a log file before anything else runs and the answer is written to a saved copy of the real stdout.
 Environment: TESSERA_CONFIG (default /etc/tessera/config.yaml, else the embedded file backend), TESSERA_NODE_NAME,
-TESSERA_FLEX_LOG (default <stateDir>/flex/shim.log, else /tmp/tessera-flex.log).
+TESSERA_FLEX_LOG (default /var/log/tessera-flex.log; when that cannot be opened /tmp/tessera-flex.log, then
+/dev/null).
 """
 from __future__ import annotations
 
@@ -146,12 +160,50 @@ class Shim:
         backend = self.backend_of(opts.volume_id)
         if not backend.features().controller_publish:
             return P.success("no controller-side attach needed for this backend", device="")
-        from csi.ids import NodeRef
-        node_id = NodeRef(node).encode()
+        node_id = self.flex_node_id(backend, node)
         pc = self.controllerops().publish(opts.volume_id, node_id, opts.readonly, self.capability(opts), opts.context,
                                           opts.secrets)
         self.records.put_attachment(opts.pv_name, node, opts.volume_id, node_id)
-        return P.success(device=P.encode_device(pc))
+        # kubelet's attach/detach controller stores this answer in the Node object's status, readable by anyone who
+        # may read Nodes: credentials stay out of it, and the node derives them itself (node_publish_secrets)
+        secret = backend.secret_publish_keys()
+        return P.success(device=P.encode_device({k: v for k, v in pc.items() if k not in secret}, node_id))
+
+    @staticmethod
+    def flex_node_id(backend, node: str) -> str:
+        """The CSI node ID for a node known by name only (see the module doc): the name plus the attributes the
+        backend derives from it (`node_attributes_for_name`, e.g. the iSCSI IQN from initiatorNameTemplate)."""
+        from csi.ids import NodeRef
+        return NodeRef(node, dict(backend.node_attributes_for_name(node))).encode()
+
+    def check_granted_node(self, volume_id: str, device: str) -> dict[str, str]:
+        """On the node: the publish context for NodeStage. Attach's device carries its public part and the node ID
+        attach granted; check that this node has the attributes granted (it could not log in otherwise), then add
+        the credentials the backend keeps out of the device (see `attach`), derived on this node."""
+        pc, node_id = P.decode_attach(device)
+        backend = self.backend_of(volume_id)
+        granted = None
+        if node_id:
+            from csi.ids import parse_node_id
+            granted = parse_node_id(node_id)
+        if granted is not None and granted.attributes:
+            from backends.errors import FailedPrecondition
+            mine = backend.node_attributes()
+            for key, want in sorted(granted.attributes.items()):
+                have = mine.get(key, "")
+                if have != want:
+                    fix = (f"set InitiatorName={want} in /etc/iscsi/initiatorname.iscsi and restart iscsid (and "
+                           "drop the backend's initiatorName setting if it differs)" if key == "iqn" else
+                           f"give this node {key}={want}")
+                    raise FailedPrecondition(
+                        f"volume {volume_id} was attached for node {granted.name} with {key}={want} (derived from "
+                        f"the node name by the backend's config, e.g. the iscsi initiatorNameTemplate), but this node "
+                        f"({self.node_name}) has {key}={have or '(none)'} and would be refused: {fix}, or change the "
+                        "template; kubelet retries")
+        if backend.secret_publish_keys() and (pc or node_id):
+            from csi.ids import parse_id
+            pc.update(backend.node_publish_secrets(parse_id(volume_id).local))
+        return pc
 
     def detach(self, args: Sequence[str]) -> Reply:
         if len(args) != 2:
@@ -176,8 +228,9 @@ class Shim:
 
     def waitforattach(self, args: Sequence[str]) -> Reply:
         raw, plain = P.split_json(args, 1, "waitforattach", "waitforattach <device> <json options>")
-        P.parse_options(raw)
-        P.decode_device(plain[0])  # a device we cannot read is an error now, not at mountdevice
+        opts = P.parse_options(raw)
+        # a device we cannot read, or one attached for another initiator, is an error now, not at mountdevice
+        self.check_granted_node(opts.volume_id, plain[0])
         # the device node itself appears in mountdevice (NodeStage attaches it); pass attach's answer on unchanged
         return P.success(device=plain[0])
 
@@ -185,14 +238,15 @@ class Shim:
         raw, plain = P.split_json(args, 2, "mountdevice", "mountdevice <mount dir> <device> <json options>")
         mount_dir, device = plain
         opts = P.parse_options(raw)
+        pc = self.check_granted_node(opts.volume_id, device)
         from .records import KIND_DEVICE, MountRecord
         with self.records.volume_lock(opts.volume_id):
             os.makedirs(mount_dir, mode=0o750, exist_ok=True)
             self.records.put(MountRecord(mount_dir, KIND_DEVICE, opts.volume_id, opts.pv_name, readonly=opts.readonly,
                                          fs_type=opts.fs_type))
             try:
-                rec = self.nodeops().stage(opts.volume_id, mount_dir, self.capability(opts), opts.context,
-                                           P.decode_device(device), opts.secrets)
+                rec = self.nodeops().stage(opts.volume_id, mount_dir, self.capability(opts), opts.context, pc,
+                                           opts.secrets)
             except BaseException:
                 self._forget_if_unmounted(mount_dir)
                 raise

@@ -18,7 +18,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster service account)")
     p.add_argument("--provisioner-name", default=decide.PROVISIONER_NAME)
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
-                   help="this node (node-local backends provision only for claims scheduled here)")
+                   help="this node (for node-local backends it provisions only claims scheduled here and deletes "
+                        "only volumes that live here)")
     p.add_argument("--identity", default=os.environ.get("POD_NAME") or socket.gethostname())
     p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "kube-system"))
     p.add_argument("--lease-name", default="tessera-flex-provisioner")

@@ -32,13 +32,23 @@ class Provisioner:
     def _node_local_backends(self) -> frozenset[str]:
         return frozenset(b.name for b in self.ops.backends if b.features().node_local)
 
+    def _access_modes(self) -> dict[str, frozenset[str]]:
+        return {b.name: frozenset(b.features().access_modes) for b in self.ops.backends}
+
+    def _secret(self, ref: decide.SecretRef) -> dict[str, str]:
+        """A Secret's data for a backend call; the values go nowhere else (no log, no event, no PV)."""
+        secret = self.kube.get_secret(ref.namespace, ref.name)
+        if secret is None:
+            raise decide.Unprovisionable(f"Secret {ref} (StorageClass provisioner secret) does not exist")
+        return decide.secret_data(secret, ref)
+
     def reconcile_once(self) -> list[str]:
         """One pass. Returns what was done ("provisioned <pv>", "deleted <pv>", "failed <pvc>: ...") for logs/tests."""
         if not self.elector.try_acquire():
             return []
         actions = decide.plan(self.kube.list_pvcs(), self.kube.list_pvs(), self.kube.list_storage_classes(),
                               self.my_node, self._node_local_backends(), self.ops.backends.config.default_backend,
-                              self.name)
+                              self.name, self._access_modes())
         done: list[str] = []
         for action in actions:
             obj = action.pv if isinstance(action, decide.Delete) else action.pvc
@@ -67,13 +77,17 @@ class Provisioner:
         if isinstance(action, decide.Reject):
             raise decide.Unprovisionable(action.reason)
         if isinstance(action, decide.Delete):
-            self.ops.delete_volume(action.volume_id, {})
+            self.ops.delete_volume(action.volume_id, self._secret(action.secret) if action.secret else {})
             self.kube.delete_pv(decide.meta(action.pv)["name"])
             return f"deleted {decide.meta(action.pv)['name']}"
         req = action.request
+        secrets = self._secret(req.provisioner_secret) if req.provisioner_secret else {}
+        if req.stage_secret:  # checked before anything is made: a wrong one would fail every mount later
+            decide.check_stage_secret(self.kube.get_secret(req.stage_secret.namespace, req.stage_secret.name),
+                                      req.stage_secret)
         caps = [CapabilitySpec("mount", mode, req.fs_type, tuple(req.mount_options)) for mode in req.access_modes]
         volume_id, vol = self.ops.create_volume(req.name, req.required_bytes, req.limit_bytes, caps, req.parameters,
-                                                {}, None, req.requisite, ())
+                                                secrets, None, req.requisite, ())
         pv = decide.build_pv(action.pvc, action.storage_class, req, volume_id, vol.capacity_bytes, vol.context,
                              vol.topology, self.name)
         try:

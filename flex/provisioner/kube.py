@@ -43,6 +43,17 @@ class Kube:
     def list_storage_classes(self) -> list[dict]:
         return self._call(self.storage.list_storage_class)["items"]
 
+    def get_secret(self, namespace: str, name: str) -> Optional[dict]:
+        """A Secret as the API serves it (data base64-encoded), None if it does not exist. Errors name the Secret and
+        the HTTP status only: the client's exception text carries the response, which must never reach a log."""
+        try:
+            return self._call(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            hint = "; grant the provisioner's service account `get` on secrets" if e.status == 403 else ""
+            raise RuntimeError(f"cannot read Secret {namespace}/{name}: HTTP {e.status} {e.reason}{hint}") from None
+
     def watch_pvcs(self, resource_version: str, timeout_seconds: int) -> list[dict]:
         """Wait (at most timeout_seconds) for PVC changes after resource_version; the events seen."""
         resp = self.core.list_persistent_volume_claim_for_all_namespaces(

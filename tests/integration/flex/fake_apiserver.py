@@ -3,7 +3,8 @@
 It is a fake because no real kube-apiserver (with etcd) can run on the test machines. It implements only what the
 provisioner uses, over real HTTP on 127.0.0.1 so the real `kubernetes` client library is exercised end to end:
 list/get/create/delete PersistentVolumes, list/get/create PVCs (plus a `watch=true` stream of PVC changes), list
-StorageClasses, create Events, get/create/replace Leases with resourceVersion conflicts (409) like the real server.
+StorageClasses, create Events, get/create/replace Leases with resourceVersion conflicts (409) like the real server,
+get Secrets (kept as the API serves them: `type` and base64 `data`; `fake_secret` builds one).
 Objects are plain JSON kept in memory; every write bumps one global resourceVersion.
 """
 from __future__ import annotations
@@ -26,9 +27,17 @@ _ROUTES = [
     (re.compile(r"^/apis/storage.k8s.io/v1/storageclasses(?:/(?P<name>[^/]+))?$"), "sc", False),
     (re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/events(?:/(?P<name>[^/]+))?$"), "event", True),
     (re.compile(r"^/apis/coordination.k8s.io/v1/namespaces/(?P<ns>[^/]+)/leases(?:/(?P<name>[^/]+))?$"), "lease", True),
+    (re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/secrets(?:/(?P<name>[^/]+))?$"), "secret", True),
 ]
 _LIST_KIND = {"pv": "PersistentVolumeList", "pvc": "PersistentVolumeClaimList", "sc": "StorageClassList",
-              "event": "EventList", "lease": "LeaseList"}
+              "event": "EventList", "lease": "LeaseList", "secret": "SecretList"}
+
+
+def fake_secret(namespace: str, name: str, data: dict, type_: str = "Opaque") -> dict:
+    """A Secret object for FakeApiServer.put("secret", ...): values base64-encoded, as the API serves them."""
+    import base64
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
+            "type": type_, "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
 
 
 class FakeApiServer:

@@ -3,7 +3,11 @@ on the host with the real file backend: real loop devices, real mkfs, real mount
 
 The PVC-to-mount walk: the provisioner's PV (decide.build_pv) gives the options kubelet passes; then the calls
 kubelet makes for attach: false (mount/unmount) and for attach: true (attach, waitforattach, mountdevice, mount,
-unmount, unmountdevice, detach); data written survives a re-mount; the volume is deleted at the end."""
+unmount, unmountdevice, detach); data written survives a re-mount; the volume is deleted at the end.
+
+At the end, Flex `attach`/`isattached`/`detach` for the iscsi backend against a real tgtd (started here, as in
+tests/integration/iscsi), checked from outside with libiscsi's tools: attach for a node grants exactly that node's
+IQN (derived from initiatorNameTemplate), detach takes it away, a node whose IQN differs refuses before any login."""
 from __future__ import annotations
 
 import base64
@@ -208,6 +212,32 @@ def test_readonly_mount(flexnode):
     ops.delete_volume(vid, {})
 
 
+def test_access_mode_from_the_pv_reaches_the_node(flexnode):
+    """A ReadWriteOncePod claim: the provisioner's PV says SINGLE_NODE_SINGLE_WRITER, so the shim allows one pod."""
+    from backends.base import CapabilitySpec
+    from flex.provisioner import decide
+    k = flexnode.kubelet
+    ops = flexnode.controller_ops()
+    claim = {"metadata": {"name": "claim", "namespace": "apps", "uid": "rwop1"},
+             "spec": {"accessModes": ["ReadWriteOncePod"], "resources": {"requests": {"storage": "64Mi"}}}}
+    sc = {"metadata": {"name": "flex"}, "provisioner": decide.PROVISIONER_NAME}
+    req = decide.volume_request(claim, sc, "flex-node")
+    caps = [CapabilitySpec("mount", m, req.fs_type) for m in req.access_modes]
+    vid, vol = ops.create_volume(req.name, req.required_bytes, 0, caps, {}, {})
+    pv = decide.build_pv(claim, sc, req, vid, vol.capacity_bytes, vol.context, vol.topology)
+    assert json.loads(_kubelet_options(pv))["accessMode"] == "SINGLE_NODE_SINGLE_WRITER"
+    d1 = flexnode.pod_dir("p1", pv["metadata"]["name"])
+    d2 = flexnode.pod_dir("p2", pv["metadata"]["name"])
+    assert k.call("mount", d1, _kubelet_options(pv)).ok
+    a = k.call("mount", d2, _kubelet_options(pv))
+    assert a.rc == 1 and "SINGLE_NODE_SINGLE_WRITER" in a.reply["message"], a.reply
+    assert k.call("unmount", d1).ok
+    assert k.call("mount", d2, _kubelet_options(pv)).ok
+    assert k.call("unmount", d2).ok
+    assert flexnode.mounts_under() == [] and _loops_for(flexnode.root) == []
+    ops.delete_volume(vid, {})
+
+
 def test_unmount_after_reboot_uses_the_record(flexnode):
     """A node reboot drops every mount and loop device; the records on disk still let unmount finish cleanly."""
     k = flexnode.kubelet
@@ -259,3 +289,212 @@ def test_failed_publish_undoes_the_staging_it_made(flexnode):
     assert os.listdir(os.path.join(flexnode.state_dir, "flex", "mounts")) == []
     assert not os.listdir(os.path.join(flexnode.state_dir, "node", "staged"))
     ops.delete_volume(vid, {})
+
+
+# ---- iSCSI: Flex attach/detach against a real tgtd ------------------------------------------------------------
+# Its own tgtd (module-scoped, own ports): the session fixture of tests/integration/iscsi is not visible here, and
+# importing it would start a second session tgtd on the same control port.
+TEMPLATE = "iqn.2026-11.dev.tessera.test.node:{node}"
+
+
+@pytest.fixture(scope="module")
+def flex_tgtd():
+    import shutil
+    import signal
+    import tempfile
+    import time
+
+    from backends.util import run
+    from tests.conftest import require
+    from tests.integration.iscsi import tgt
+    require(os.geteuid() == 0, "root (tgtd)")
+    require(shutil.which("tgtd") is not None and shutil.which("tgtadm") is not None, "tgt (tgtd, tgtadm) installed")
+    require(shutil.which("iscsi-inq") is not None, "libiscsi-bin (iscsi-inq)")
+
+    def listening(control: int) -> bool:
+        return run(["tgtadm", "-C", str(control), "--lld", "iscsi", "--mode", "target", "--op", "show"],
+                   check=False).returncode == 0
+
+    control = 20000 + (os.getpid() + 7919) % 12000  # not the pid-based port tests/integration/iscsi uses
+    while listening(control):
+        control = 20000 + (control - 20000 + 1) % 12000
+    port = tgt._free_port()
+    log = tempfile.NamedTemporaryFile(prefix="tgtd-flex-", suffix=".log", delete=False)
+    proc = subprocess.Popen(["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not listening(control):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"tgtd did not come up: {open(log.name).read()}")
+        time.sleep(0.05)
+    yield tgt.Tgtd(port, control, proc.pid)
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    os.unlink(log.name)
+
+
+class IscsiFlex:
+    """A controller host (kube-controller-manager's shim) and a node, sharing one tgtd; `node_config` changes what
+    the node side reads (initiatorName), as a node's own config would."""
+
+    def __init__(self, root: str, tgtd, template: str = TEMPLATE) -> None:
+        import yaml
+
+        from tests.integration.flex.kubelet import Kubelet
+        from tests.integration.iscsi.tgt import PREFIX
+        self.root, self.tgtd = root, tgtd
+        self.backend_cfg = {"type": "iscsi", "portals": [tgtd.portal], "iqnPrefix": PREFIX, "targetDriver": "tgt",
+                            "tgtControlPort": tgtd.control_port,
+                            "backingStore": {"file": {"directory": os.path.join(root, "store")}},
+                            # one CHAP key for the controller host and the nodes: Flex nodes derive the secret
+                            "chapKeyFile": os.path.join(root, "chap.key")}
+        with open(self.backend_cfg["chapKeyFile"], "wb") as f:
+            f.write(os.urandom(32))
+        if template:
+            self.backend_cfg["initiatorNameTemplate"] = template
+        self.config = os.path.join(root, "config.yaml")
+        with open(self.config, "w") as f:
+            yaml.safe_dump({"stateDir": os.path.join(root, "state"), "backends": {"san": self.backend_cfg}}, f)
+        self.kcm = Kubelet(self.config, os.path.join(root, "shim.log"), node="controller")
+
+    def node(self, name: str, initiator: str):
+        import yaml
+
+        from tests.integration.flex.kubelet import Kubelet
+        cfg = os.path.join(self.root, f"config-{name}.yaml")
+        with open(cfg, "w") as f:
+            yaml.safe_dump({"stateDir": os.path.join(self.root, f"state-{name}"),
+                            "backends": {"san": dict(self.backend_cfg, initiatorName=initiator)}}, f)
+        return Kubelet(cfg, os.path.join(self.root, "shim.log"), node=name)
+
+    def node_secrets(self, name: str, initiator: str, volume_id: str) -> dict:
+        """The CHAP credentials the node side derives from its own config (what mountdevice hands NodeStage)."""
+        from csi.config import load_config
+        from csi.ids import parse_id
+        from csi.registry import Backends
+        self.node(name, initiator)
+        backends = Backends(load_config(os.path.join(self.root, f"config-{name}.yaml")), name)
+        try:
+            return backends.for_id("san", "x").node_publish_secrets(parse_id(volume_id).local)
+        finally:
+            backends.close()
+
+    def ops(self):
+        from csi.config import load_config
+        from csi.controllerops import ControllerOps
+        from csi.registry import Backends
+        return ControllerOps(Backends(load_config(self.config), "controller"))
+
+    def provision(self, name: str):
+        """CreateVolume and the PV the provisioner writes for it (as _provision, on the iscsi backend)."""
+        from backends.base import CapabilitySpec
+        from flex.provisioner import decide
+        ops = self.ops()
+        vid, vol = ops.create_volume(name, 64 << 20, 0, [CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4")], {},
+                                     {})
+        pvc = {"metadata": {"name": "claim", "namespace": "apps", "uid": name},
+               "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}}}
+        sc = {"metadata": {"name": "flex-iscsi"}, "provisioner": decide.PROVISIONER_NAME}
+        req = decide.volume_request(pvc, sc, "")
+        pv = decide.build_pv(pvc, sc, req, vid, vol.capacity_bytes, vol.context, vol.topology)
+        return ops, vid, pv
+
+    def acls(self, ops, vid: str) -> list[str]:
+        backend, _ = ops.get_volume(vid)
+        st = backend.driver.state(backend.iqn(vid.partition(":")[2]))
+        return sorted(st.acls) if st else []
+
+    def login_ok(self, ops, vid: str, initiator: str, chap) -> bool:
+        from tests.integration.iscsi.tgt import iscsi_tool, lun_url
+        backend, _ = ops.get_volume(vid)
+        url = lun_url(self.tgtd, backend.iqn(vid.partition(":")[2]), backend.lun, chap)
+        return iscsi_tool("iscsi-inq", url, initiator).returncode == 0
+
+
+def _iqn(node: str) -> str:
+    return TEMPLATE.format(node=node)
+
+
+@pytest.mark.iscsi
+def test_iscsi_flex_attach_grants_exactly_that_node(flex_tgtd, tmp_path):
+    from csi.ids import parse_node_id
+    from flex import protocol as P
+    env = IscsiFlex(str(tmp_path), flex_tgtd)
+    kcm = env.kcm
+    assert kcm.ok("init")["capabilities"]["attach"] is True
+    ops, vid, pv = env.provision("pvc-flex-iscsi-1")
+    name = pv["metadata"]["name"]
+    opts = _kubelet_options(pv)
+    try:
+        assert env.acls(ops, vid) == []
+        a = kcm.call("attach", opts, "node-1")
+        assert a.ok, a.reply
+        pc, granted = P.decode_attach(a.reply["device"])
+        assert parse_node_id(granted).attributes == {"iqn": _iqn("node-1")}
+        # the answer lands in the Node object's status: no CHAP secret in it; the node derives the secret itself
+        assert set(pc) == {"lun"}
+        node_pc = env.node_secrets("node-1", _iqn("node-1"), vid)
+        chap = (node_pc["chapUser"], node_pc["chapPassword"])
+        assert chap[1] not in a.reply["device"]
+        # the target holds exactly node-1's IQN: node-1 gets in with the CHAP secret, node-2 does not
+        assert env.acls(ops, vid) == [_iqn("node-1")]
+        assert env.login_ok(ops, vid, _iqn("node-1"), chap)
+        assert not env.login_ok(ops, vid, _iqn("node-2"), chap)
+        assert kcm.ok("isattached", opts, "node-1")["attached"] is True
+        assert kcm.ok("isattached", opts, "node-2")["attached"] is False
+        assert kcm.call("attach", opts, "node-1").reply["device"] == a.reply["device"]  # retried: same answer
+        assert env.acls(ops, vid) == [_iqn("node-1")]
+        # the CHAP secret never reaches the shim's log
+        with open(os.path.join(str(tmp_path), "shim.log")) as f:
+            assert chap[1] not in f.read()
+        # node-1 (IQN per the template) accepts the device; waitforattach passes it on unchanged
+        node1 = env.node("node-1", _iqn("node-1"))
+        assert node1.ok("waitforattach", a.reply["device"], opts)["device"] == a.reply["device"]
+        # detach removes exactly that grant
+        assert kcm.call("detach", name, "node-2").ok  # never attached there: nothing to do
+        assert env.acls(ops, vid) == [_iqn("node-1")]
+        assert kcm.call("detach", name, "node-1").ok
+        assert env.acls(ops, vid) == []
+        assert not env.login_ok(ops, vid, _iqn("node-1"), chap)
+        assert kcm.ok("isattached", opts, "node-1")["attached"] is False
+        assert kcm.call("detach", name, "node-1").ok  # kubelet retries: still Success
+    finally:
+        ops.delete_volume(vid, {})
+
+
+@pytest.mark.iscsi
+def test_iscsi_flex_node_with_another_iqn_refuses_before_login(flex_tgtd, tmp_path):
+    env = IscsiFlex(str(tmp_path), flex_tgtd)
+    ops, vid, pv = env.provision("pvc-flex-iscsi-2")
+    opts = _kubelet_options(pv)
+    try:
+        device = env.kcm.ok("attach", opts, "node-3")["device"]
+        node = env.node("node-3", "iqn.1993-08.org.debian:01:0123456789ab")  # the distribution's random IQN
+        for call in (("waitforattach", device, opts),
+                     ("mountdevice", os.path.join(str(tmp_path), "global"), device, opts)):
+            a = node.call(*call)
+            assert a.rc == 1, a.reply
+            msg = a.reply["message"]
+            assert f"InitiatorName={_iqn('node-3')}" in msg and "iqn.1993-08.org.debian:01:0123456789ab" in msg, msg
+        assert env.kcm.call("detach", pv["metadata"]["name"], "node-3").ok
+        assert env.acls(ops, vid) == []
+    finally:
+        ops.delete_volume(vid, {})
+
+
+@pytest.mark.iscsi
+def test_iscsi_flex_attach_without_template_says_what_to_set(flex_tgtd, tmp_path):
+    env = IscsiFlex(str(tmp_path), flex_tgtd, template="")
+    ops, vid, pv = env.provision("pvc-flex-iscsi-3")
+    try:
+        a = env.kcm.call("attach", _kubelet_options(pv), "node-1")
+        assert a.rc == 1 and "initiatorNameTemplate" in a.reply["message"] and "node-1" in a.reply["message"], a.reply
+        assert env.acls(ops, vid) == []
+        assert env.kcm.ok("isattached", _kubelet_options(pv), "node-1")["attached"] is False
+    finally:
+        ops.delete_volume(vid, {})

@@ -156,7 +156,8 @@ def test_build_pv():
     req = decide.volume_request(_pvc(), SC, "n1")
     pv = decide.build_pv(_pvc(), SC, req, "local:vol-1", 1 << 30, {"path": "/x"}, [{"k": "n1"}])
     assert pv["spec"]["flexVolume"] == {"driver": "tessera/block", "fsType": "xfs",
-                                        "options": {"volumeID": "local:vol-1", "path": "/x"}}
+                                        "options": {"volumeID": "local:vol-1", "path": "/x",
+                                                    "accessMode": "SINGLE_NODE_WRITER"}}
     assert pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"] == [
         {"key": "k", "operator": "In", "values": ["n1"]}]
     assert pv["metadata"]["annotations"][decide.ANN_PROVISIONED_BY] == decide.PROVISIONER_NAME
