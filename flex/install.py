@@ -1,24 +1,38 @@
-"""Install the FlexVolume executable for `tessera/block` into kubelet's plugin directory.
+"""Install the FlexVolume executable for `tessera/block` into kubelet's volume plugin directory.
 
-    python -m flex.install --plugin-dir /usr/libexec/kubernetes/kubelet-plugins [--python PY] [--code-root DIR]
+    python -m flex.install [--plugin-dir /usr/libexec/kubernetes/kubelet-plugins | --volume-plugin-dir DIR]
+                           [--bundle DIR | --python PY --code-root DIR]
                            [--config /etc/tessera/config.yaml] [--node-name NODE] [--log FILE]
+                           [--agent-socket SOCK [--fast-launcher BIN]]
                            [--copy-runtime SRC DEST] [--copy-config SRC DEST] [--wait]
 
-In the DaemonSet (deploy/kubernetes/flex) the container sees the host under /host: `--copy-runtime` first copies the
-image's self-contained runtime (a relocatable Python with the dependencies, plus the code) to the host, into a new
-directory renamed into place so a running shim never sees a half-copied tree; `--copy-config` does the same for the
-config file; `--python`/`--code-root`/`--config` then name *host* paths, and `--wait` keeps the pod alive (so the
-DaemonSet re-installs after an image update) until SIGTERM.
+Where: kubelet looks for Flex drivers in its --volume-plugin-dir, whose default is
+/usr/libexec/kubernetes/kubelet-plugins/volume/exec. `--plugin-dir` names the directory that holds `volume/exec`
+(default /usr/libexec/kubernetes/kubelet-plugins, matching kubelet's default); `--volume-plugin-dir` names kubelet's
+--volume-plugin-dir itself, for kubelets configured with another one (e.g. /var/lib/kubelet/volumeplugins). The
+driver is written to `<volume plugin dir>/tessera~block/block`.
 
-Writes `<plugin-dir>/volume/exec/tessera~block/block`: a launcher whose shebang is the interpreter that has the
-shim's dependencies (this one by default) and which puts the code root on sys.path and sets the environment kubelet
-cannot pass (config path, node name, log file). The file is written to a temporary name and renamed into place,
+What: with `--bundle DIR`, `block` is a `#!/bin/sh` launcher that starts the self-contained runtime at DIR (built by
+`python -m flex.bundle`: its own dynamic loader, shared libraries, Python, dependencies and code) as
+`DIR/lib/ld-linux-*.so.* --library-path DIR/lib DIR/bin/python3 ...`, so it runs on a host with no Python or a
+different glibc; nothing of the host's /usr/lib/python3* is used (the bundle's bin/python3._pth fixes sys.path).
+Without it, `block` is a Python script whose shebang is the interpreter that has the shim's dependencies (`--python`,
+this one by default) and which puts `--code-root` on sys.path. Either way the launcher sets the environment kubelet
+cannot pass (config path, node name, log file). Every file is written to a temporary name and renamed into place,
 because kubelet watches that directory and may run a half-written file otherwise.
+
+In the DaemonSet (deploy/kubernetes/flex) the container sees the host under /host: `--copy-runtime` first copies the
+image's bundle to the host, into a new directory renamed into place so a running shim never sees a half-copied tree
+(with `--bundle`, the copy at DEST is what the installer reads and checks, DIR being where the host sees it);
+`--copy-config` does the same for the config file; `--bundle`/`--config` then name *host* paths, and `--wait` keeps
+the pod alive (so the DaemonSet re-installs after an image update) until SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import sys
 import tempfile
 from typing import Optional, Sequence
@@ -52,6 +66,56 @@ def launcher_text(python: str, root: str, config: str, node: str, log: str, agen
     return _TEMPLATE.format(python=python, root=root, config=config, node=node, log=log, agent=agent)
 
 
+# The bundled launcher: sh execs the bundle's loader, which runs the bundle's Python on the code below (-c keeps the
+# launcher one file, written atomically). -I -S repeat what bin/python3._pth implies, so that a bundle whose ._pth
+# went missing still ignores PYTHON* variables and the user site, and the first line then refuses to go on.
+_BUNDLE_SH = """#!/bin/sh
+# tessera/block FlexVolume driver launcher, written by `python -m flex.install --bundle`; re-run it to change.
+# Runs the self-contained runtime in {bundle} (python -m flex.bundle) through its own dynamic loader and shared
+# libraries: nothing of the host's Python or libc is used, and its bin/python3._pth fixes sys.path (isolated mode:
+# PYTHONHOME, PYTHONPATH and the user site are ignored). Programs the shim runs (mount, mkfs, losetup, ...) are the
+# host's, with the host's libraries: --library-path is an argument of the loader, not inherited.
+exec {argv} -I -S -c {code} "$@"
+"""
+
+_BUNDLE_CODE = """import os, sys
+if {app} not in sys.path:
+    os.write(1, {damaged}.encode())
+    sys.exit(1)
+os.environ.setdefault("TESSERA_CONFIG", {config})
+os.environ.setdefault("TESSERA_NODE_NAME", {node})
+os.environ.setdefault("TESSERA_FLEX_LOG", {log})
+if len(sys.argv) > 1 and sys.argv[1] != "init" and {agent}:
+    from flex.agent_client import call
+    answer = call({agent}, sys.argv[1:], os.environ["TESSERA_CONFIG"], os.environ["TESSERA_NODE_NAME"])
+    if answer is not None:
+        os.write(1, answer[0].encode())
+        sys.exit(answer[1])
+from flex.shim import main
+sys.exit(main())
+"""
+
+
+def _literal(value: str) -> str:
+    """A Python string literal in double quotes when that is exact (ASCII: JSON's escapes are Python's), so the
+    single-quoted shell word around the code stays readable."""
+    return json.dumps(value) if value.isascii() else repr(value)
+
+
+def bundle_launcher_text(bundle: str, manifest: dict, config: str, node: str, log: str, agent: str = "") -> str:
+    """The sh launcher for the bundle at `bundle` (an absolute path on the host that runs it)."""
+    from .bundle import python_argv
+    if not os.path.isabs(bundle):
+        raise ValueError(f"--bundle must be an absolute path, not {bundle!r}")
+    bundle = os.path.normpath(bundle)
+    damaged = json.dumps({"status": "Failure", "message": f"tessera/block: the runtime in {bundle} is damaged (its "
+                          "bin/python3._pth was not read); re-run the installer"}) + "\n"
+    code = _BUNDLE_CODE.format(app=_literal(os.path.join(bundle, manifest["app"])), damaged=_literal(damaged),
+                               config=_literal(config), node=_literal(node), log=_literal(log), agent=_literal(agent))
+    return _BUNDLE_SH.format(bundle=bundle, argv=" ".join(shlex.quote(a) for a in python_argv(bundle, manifest)),
+                             code=shlex.quote(code))
+
+
 FAST_SOURCE = os.path.join(REPO, "flex", "fastpath", "block.c")
 
 
@@ -75,14 +139,32 @@ def build_fast_launcher(out: str, cc: str = "cc") -> str:
     return out
 
 
-def install(plugin_dir: str, python: str = sys.executable, root: str = REPO, config: str = "",
-            node: str = "", log: str = "", agent_socket: str = "", fast_launcher: str = "") -> str:
-    """Write the launcher atomically; returns the path kubelet runs. With `fast_launcher` (a built
-    flex/fastpath/block.c) that binary becomes `block`, forwarding to the agent, and the Python launcher
-    `block.py` next to it runs every call the agent does not answer."""
-    target_dir = os.path.join(plugin_dir, "volume", "exec", DRIVER_DIR)
+def install(plugin_dir: str = "/usr/libexec/kubernetes/kubelet-plugins", python: str = sys.executable,
+            root: str = REPO, config: str = "", node: str = "", log: str = "", agent_socket: str = "",
+            fast_launcher: str = "", *, volume_plugin_dir: str = "", bundle: str = "", bundle_view: str = "",
+            verify: bool = False) -> str:
+    """Write the launcher atomically; returns the path kubelet runs.
+
+    The driver goes to `<volume_plugin_dir>/tessera~block/`, `volume_plugin_dir` (kubelet's --volume-plugin-dir)
+    defaulting to `<plugin_dir>/volume/exec`. With `bundle` (the host path of a `python -m flex.bundle` tree, read
+    at `bundle_view` if the installer sees it elsewhere) the launcher runs that runtime and `python`/`root` are
+    unused; `verify` imports the shim through it first (flex.bundle.verify). With `fast_launcher` (a built
+    flex/fastpath/block.c) that binary becomes `block`, forwarding to the agent, and the launcher `block.py` next to
+    it runs every call the agent does not answer."""
+    target_dir = os.path.join(volume_plugin_dir or os.path.join(plugin_dir, "volume", "exec"), DRIVER_DIR)
+    if bundle:
+        from .bundle import load_manifest, verify as verify_bundle
+        view = bundle_view or bundle
+        manifest = load_manifest(view)
+        for rel in (manifest["loader"], manifest["python"], manifest["python"] + "._pth"):
+            if not os.path.isfile(os.path.join(view, rel)):
+                raise FileNotFoundError(f"bundle {view} lacks {rel}: rebuild it with `python -m flex.bundle`")
+        if verify:
+            verify_bundle(view)
+        text = bundle_launcher_text(bundle, manifest, config, node, log, agent_socket).encode()
+    else:
+        text = launcher_text(python, root, config, node, log, agent_socket).encode()
     os.makedirs(target_dir, mode=0o755, exist_ok=True)
-    text = launcher_text(python, root, config, node, log, agent_socket).encode()
     path = os.path.join(target_dir, EXECUTABLE)
     if not fast_launcher:
         _write_atomic(path, text, 0o755)
@@ -128,10 +210,21 @@ def copy_file_atomic(src: str, dest: str, mode: int = 0o600) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flex.install", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plugin-dir", default="/usr/libexec/kubernetes/kubelet-plugins",
-                   help="kubelet's --volume-plugin-dir (default %(default)s)")
-    p.add_argument("--python", default=sys.executable, help="interpreter with the shim's dependencies")
-    p.add_argument("--code-root", default=REPO, help="directory holding the flex/, csi/ and backends/ packages")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--plugin-dir", default="/usr/libexec/kubernetes/kubelet-plugins",
+                       help="the directory holding volume/exec, i.e. kubelet's --volume-plugin-dir minus its "
+                            "trailing volume/exec (default %(default)s, from kubelet's default "
+                            "/usr/libexec/kubernetes/kubelet-plugins/volume/exec)")
+    where.add_argument("--volume-plugin-dir", default="", help="kubelet's --volume-plugin-dir itself (the driver "
+                       "goes to DIR/tessera~block); for kubelets not using the default")
+    p.add_argument("--bundle", default="", metavar="DIR", help="host path of a self-contained runtime built by "
+                   "`python -m flex.bundle` (copied there by --copy-runtime): the launcher runs it, not --python")
+    p.add_argument("--no-verify", action="store_true", help="with --bundle: skip importing the shim through the "
+                   "bundle before installing")
+    p.add_argument("--python", default=sys.executable, help="without --bundle: interpreter with the shim's "
+                   "dependencies (default %(default)s)")
+    p.add_argument("--code-root", default=REPO, help="without --bundle: directory holding the flex/, csi/ and "
+                   "backends/ packages (default %(default)s)")
     p.add_argument("--config", default="", help="Tessera config file (default: /etc/tessera/config.yaml if present)")
     p.add_argument("--node-name", default="", help="this node's Kubernetes name (default: the hostname)")
     p.add_argument("--log", default="", help="shim log file (default /var/log/tessera-flex.log)")
@@ -141,7 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "(needs --agent-socket)")
     p.add_argument("--build-fast-launcher", metavar="OUT", default="", help="compile flex/fastpath/block.c to OUT "
                    "and exit (image build step; needs a C compiler)")
-    p.add_argument("--copy-runtime", nargs=2, metavar=("SRC", "DEST"), help="copy a runtime tree to the host first")
+    p.add_argument("--copy-runtime", nargs=2, metavar=("SRC", "DEST"), help="copy a runtime tree (the bundle) to "
+                   "the host first")
     p.add_argument("--copy-config", nargs=2, metavar=("SRC", "DEST"), help="copy the config file to the host first")
     p.add_argument("--wait", action="store_true", help="after installing, sleep until SIGTERM (DaemonSet)")
     a = p.parse_args(argv)
@@ -152,8 +246,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         copy_tree_atomic(*a.copy_runtime)
     if a.copy_config:
         copy_file_atomic(*a.copy_config)
-    path = install(a.plugin_dir, a.python, a.code_root, a.config, a.node_name, a.log, a.agent_socket, a.fast_launcher)
-    print(f"installed {path}", flush=True)
+    view = a.copy_runtime[1] if a.copy_runtime and a.bundle else ""
+    from .bundle import BundleError
+    try:
+        path = install(a.plugin_dir, a.python, a.code_root, a.config, a.node_name, a.log, a.agent_socket,
+                       a.fast_launcher, volume_plugin_dir=a.volume_plugin_dir, bundle=a.bundle, bundle_view=view,
+                       verify=bool(a.bundle) and not a.no_verify)
+    except (BundleError, FileNotFoundError, ValueError) as e:
+        print(f"flex.install: nothing installed: {e}", file=sys.stderr)
+        return 1
+    print(f"installed {path}" + (f" (runtime {a.bundle})" if a.bundle else ""), flush=True)
     if a.wait:
         import signal
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

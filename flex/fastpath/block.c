@@ -6,8 +6,9 @@
  * over its unix socket, with the same wire format as flex/agent_client.py:
  *   request  "config\0node\0arg1\0arg2..." then shutdown(SHUT_WR);   reply  "exit-code\0reply-JSON"
  * and in every other case (init, no settings file, no agent, an agent that closes without answering) it execs the
- * Python launcher `block.py` next to it, which runs the call itself. It never answers on its own, so it cannot
- * disagree with the Python shim.
+ * launcher `block.py` next to it, which runs the call itself: a Python script, or with `flex.install --bundle` a
+ * /bin/sh script starting the bundled runtime (flex/bundle.py). It never answers on its own, so it cannot disagree
+ * with the Python shim. Linked -static, it needs nothing from the host's libc either.
  *
  * Settings: `block.agent` next to the executable, three lines: agent socket path, config path, node name
  * (written by `python -m flex.install --fast-launcher`).
