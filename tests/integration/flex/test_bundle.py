@@ -25,7 +25,7 @@ import pytest
 from flex import bundle as B
 from flex.install import install
 from tests.integration.flex.kubelet import REPO, Kubelet
-from tests.integration.flex.walk import kubelet_options
+from tests.integration.flex.walk import kubelet_options, provision_pv
 
 HIDDEN_DIRS = ["/usr/lib/python3", "/usr/lib/python3.11", *sorted(glob.glob("/usr/local/lib/python3*")),
                os.path.expanduser("~/.pyenv"), os.path.join(REPO, ".venv"), REPO]
@@ -84,13 +84,8 @@ def ns_kubelet(flexnode, pid: int, driver: str) -> Kubelet:
 
 
 def _provision(flexnode, name: str):
-    from backends.base import CapabilitySpec
-    from flex.provisioner import decide
     ops = flexnode.controller_ops()
-    vid, vol = ops.create_volume(name, 64 << 20, 0, [CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4")], {}, {})
-    req = decide.VolumeRequest(name, 64 << 20, 0, ["SINGLE_NODE_WRITER"], "ext4", {}, [])
-    pv = decide.build_pv({"metadata": {"name": "c", "namespace": "n", "uid": name}, "spec": {}},
-                         {"metadata": {"name": "sc"}}, req, vid, vol.capacity_bytes, vol.context, vol.topology)
+    vid, pv = provision_pv(ops, name)
     return ops, vid, pv
 
 

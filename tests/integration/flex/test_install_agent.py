@@ -13,7 +13,7 @@ import pytest
 
 from flex.install import DRIVER_DIR, EXECUTABLE, install
 from tests.integration.flex.kubelet import REPO, Kubelet
-from tests.integration.flex.walk import kubelet_options
+from tests.integration.flex.walk import kubelet_options, provision_pv
 
 
 @pytest.fixture
@@ -38,14 +38,9 @@ def agent_factory(flexnode):
             assert p.wait(30) == 0
 
 
-def _provision(flexnode, name):
-    from backends.base import CapabilitySpec
-    from flex.provisioner import decide
+def _provision(flexnode, name: str):
     ops = flexnode.controller_ops()
-    vid, vol = ops.create_volume(name, 64 << 20, 0, [CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4")], {}, {})
-    req = decide.VolumeRequest(name, 64 << 20, 0, ["SINGLE_NODE_WRITER"], "ext4", {}, [])
-    pv = decide.build_pv({"metadata": {"name": "c", "namespace": "n", "uid": name}, "spec": {}},
-                         {"metadata": {"name": "sc"}}, req, vid, vol.capacity_bytes, vol.context, vol.topology)
+    vid, pv = provision_pv(ops, name)
     return ops, vid, pv
 
 

@@ -299,43 +299,11 @@ TEMPLATE = "iqn.2026-11.dev.tessera.test.node:{node}"
 
 @pytest.fixture(scope="module")
 def flex_tgtd():
-    import shutil
-    import signal
-    import tempfile
-    import time
-
-    from backends.util import run
     from tests.conftest import require
     from tests.integration.iscsi import tgt
     require(os.geteuid() == 0, "root (tgtd)")
-    require(shutil.which("tgtd") is not None and shutil.which("tgtadm") is not None, "tgt (tgtd, tgtadm) installed")
-    require(shutil.which("iscsi-inq") is not None, "libiscsi-bin (iscsi-inq)")
-
-    def listening(control: int) -> bool:
-        return run(["tgtadm", "-C", str(control), "--lld", "iscsi", "--mode", "target", "--op", "show"],
-                   check=False).returncode == 0
-
-    control = 20000 + (os.getpid() + 7919) % 12000  # not the pid-based port tests/integration/iscsi uses
-    while listening(control):
-        control = 20000 + (control - 20000 + 1) % 12000
-    port = tgt._free_port()
-    log = tempfile.NamedTemporaryFile(prefix="tgtd-flex-", suffix=".log", delete=False)
-    proc = subprocess.Popen(["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 10
-    while not listening(control):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"tgtd did not come up: {open(log.name).read()}")
-        time.sleep(0.05)
-    yield tgt.Tgtd(port, control, proc.pid)
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    os.unlink(log.name)
+    with tgt.running_tgtd(salt=7919) as t:  # its own tgtd, beside the session one tests/integration/iscsi uses
+        yield t
 
 
 class IscsiFlex:

@@ -100,3 +100,14 @@ def pvc_to_mount_walk(kubelet: Kubelet, kubelet_dir: str, controller_ops, node: 
         return {"volume_id": vid, "pv": pv, "capabilities": caps}
     finally:
         api.stop()
+
+
+def provision_pv(ops, name: str, size: int = 64 << 20) -> tuple[str, dict]:
+    """CreateVolume through `ops` (ControllerOps) and the flexVolume PV the provisioner would write for it, without
+    the API server: (volume ID, PV) for tests that drive the shim directly."""
+    from backends.base import CapabilitySpec
+    vid, vol = ops.create_volume(name, size, 0, [CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4")], {}, {})
+    req = decide.VolumeRequest(name, size, 0, ["SINGLE_NODE_WRITER"], "ext4", {}, [])
+    pv = decide.build_pv({"metadata": {"name": "c", "namespace": "n", "uid": name}, "spec": {}},
+                         {"metadata": {"name": "sc"}}, req, vid, vol.capacity_bytes, vol.context, vol.topology)
+    return vid, pv

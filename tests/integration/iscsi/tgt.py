@@ -3,9 +3,9 @@ started and stopped by PID, plus libiscsi's userspace tools to look at the targe
 kernel initiator, so nothing here logs in through the kernel; the guest suite does that)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -42,35 +42,45 @@ class Tgtd:
         return f"127.0.0.1:{self.port}"
 
 
-@pytest.fixture(scope="session")
-def tgtd() -> Iterator[Tgtd]:
+def _listening(control: int) -> bool:
+    return run(["tgtadm", "-C", str(control), "--lld", "iscsi", "--mode", "target", "--op", "show"],
+               check=False).returncode == 0
+
+
+@contextlib.contextmanager
+def running_tgtd(salt: int = 0) -> Iterator[Tgtd]:
+    """A private tgtd on 127.0.0.1 (free TCP port), stopped by PID at the end. Its control port names an abstract
+    unix socket (tgtd takes at most 32767): derived from the PID and `salt`, skipping any another tgtd answers on."""
     require(shutil.which("tgtd") is not None and shutil.which("tgtadm") is not None, "tgt (tgtd, tgtadm) installed")
     require(shutil.which("iscsi-inq") is not None, "libiscsi-bin (iscsi-inq, iscsi-ls, iscsi-readcapacity16)")
+    control = 20000 + (os.getpid() + salt) % 12000
+    while _listening(control):
+        control = 20000 + (control - 20000 + 1) % 12000
     port = _free_port()
-    # control port: tgtd binds an abstract unix socket named after it, not TCP; pick one unlikely to clash
-    control = 20000 + os.getpid() % 12000  # tgtd takes at most 32767
     log = tempfile.NamedTemporaryFile(prefix="tgtd-", suffix=".log", delete=False)
     proc = subprocess.Popen(["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 10
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"tgtd exited: {open(log.name).read()}")
-        if run(["tgtadm", "-C", str(control), "--lld", "iscsi", "--mode", "target", "--op", "show"],
-               check=False).returncode == 0:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("tgtd did not come up")
-        time.sleep(0.05)
-    yield Tgtd(port, control, proc.pid)
-    os.kill(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    os.unlink(log.name)
+        deadline = time.monotonic() + 10
+        while not _listening(control):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"tgtd did not come up: {open(log.name).read()}")
+            time.sleep(0.05)
+        yield Tgtd(port, control, proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.unlink(log.name)
+
+
+@pytest.fixture(scope="session")
+def tgtd() -> Iterator[Tgtd]:
+    with running_tgtd() as t:
+        yield t
 
 
 def make_backend(tgtd: Tgtd, workdir: str, **overrides) -> IscsiBackend:
