@@ -147,17 +147,36 @@ def _xstate_hider():
 _SPAWN_LOCK = threading.Lock()
 
 
+# Paths where the guest mounts a fresh tmpfs of its own, hiding the host's content there.
+GUEST_TMPFS = ("/tmp", "/var/tmp", "/run", "/dev/shm")
+
+
+def exposed_dirs(cwd: str) -> list[str]:
+    """Host directories the guest command needs (the repository with its venv, the working directory, the Python
+    environment) that lie under one of the guest's own tmpfs mounts: guest_init.sh shows each again there as an
+    overlay of the host's copy (a CI checkout under /tmp would otherwise vanish in the guest)."""
+    repo = os.path.dirname(os.path.dirname(HERE))
+    wanted = {os.path.realpath(p) for p in (repo, cwd, sys.prefix)}
+    under = [p for p in wanted if any(p == t or p.startswith(t + "/") for t in GUEST_TMPFS)]
+    for p in under:
+        if any(c in p for c in " :\t\n"):
+            raise GuestError(f"{p} must be shown in the guest but its path holds a space or colon; move it")
+    # a directory inside another one listed needs no overlay of its own
+    return sorted(p for p in under if not any(p != q and p.startswith(q + "/") for q in under))
+
+
 def _make_disk(path: str, size_mib: int) -> None:
     with open(path, "wb") as f:
         f.truncate(size_mib << 20)
 
 
-def _uml_argv(shared: str, workdir: str, disks: Sequence[str], mem_mb: int, fxsr: bool) -> list[str]:
+def _uml_argv(shared: str, workdir: str, disks: Sequence[str], mem_mb: int, fxsr: bool,
+              extra: Sequence[str] = ()) -> list[str]:
     if not os.access(UML_BINARY, os.X_OK):
         raise GuestError(f"{UML_BINARY} is missing: apt-get install user-mode-linux")
     argv = [UML_BINARY, f"mem={mem_mb}M", "rootfstype=hostfs", "rootflags=/", "ro", f"init={INIT}",
             f"uml_dir={workdir}", f"umid=g{os.getpid()}", "con=null", "con0=null,fd:1", "ssl=null", "quiet",
-            f"TESSERA_SHARED={shared}", "TESSERA_KIND=uml"]
+            f"TESSERA_SHARED={shared}", "TESSERA_KIND=uml", *extra]
     if fxsr:
         argv += [f"{k}={v}" for k, v in UML_SSE_ONLY_ENV.items()]
     for i, d in enumerate(disks, start=1):
@@ -196,12 +215,13 @@ def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind:
     with open(os.path.join(shared, "spec.json"), "w") as f:
         json.dump(spec, f)
 
+    boot_words = [f"TESSERA_EXPOSE={':'.join(exposed_dirs(spec['cwd']))}"]
     proc_env = dict(os.environ)
     proc_env["TMPDIR"] = "/dev/shm"  # UML maps guest RAM from a file in TMPDIR: keep it in RAM
     preexec = None
     if kind == "uml":
         fxsr = uml_needs_fxsr()
-        cmd = _uml_argv(shared, workdir, disks, mem_mb, fxsr)
+        cmd = _uml_argv(shared, workdir, disks, mem_mb, fxsr, boot_words)
         label = "uml"
         detail = f"User-Mode Linux {UML_BINARY}" + (" (FXSR-only FPU state: host XSAVE area too big for UML 6.1)"
                                                     if fxsr else "")
@@ -209,7 +229,7 @@ def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind:
             preexec = _xstate_hider()
     else:
         from qemu_boot import qemu_argv  # local module next to this file
-        cmd, label, detail = qemu_argv(shared, workdir, disks, mem_mb, use_kvm=host_has_kvm())
+        cmd, label, detail = qemu_argv(shared, workdir, disks, mem_mb, use_kvm=host_has_kvm(), extra=boot_words)
     print(f"tessera-guest: kind={label} ({detail}); shared dir {shared}", file=stream, flush=True)
 
     log_path = os.path.join(shared, "console.log")

@@ -10,6 +10,7 @@
 #   TESSERA_SHARED   host directory mounted read-write at the same path (spec.json in, results out)
 #   TESSERA_KIND     uml | qemu
 #   TESSERA_LOWER    where stage 0 mounted the host root (QEMU initramfs); "/" under UML
+#   TESSERA_EXPOSE   colon-separated host directories under /tmp, /var/tmp, /run or /dev/shm to show in the guest
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 LOWER="${TESSERA_LOWER:-/}"
@@ -40,6 +41,15 @@ mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs $R/run || fail "run"
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fail "tmp"
 mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp || fail "var/tmp"
+# Host directories the command needs (the repository and its venv) that lie under a path just covered by the
+# guest's own tmpfs: shown again as an overlay of the host's copy (writes go to RAM). See guest.py exposed_dirs.
+N=0
+for p in $(echo "${TESSERA_EXPOSE:-}" | tr ':' ' '); do
+    N=$((N + 1))
+    mkdir -p "/mnt/expose$N/upper" "/mnt/expose$N/work" "$R$p" || fail "mkdir $p"
+    mount -t overlay overlay -o "lowerdir=$LOWER$p,upperdir=/mnt/expose$N/upper,workdir=/mnt/expose$N/work" "$R$p" \
+        || fail "overlay $p"
+done
 if [ "$MODDIR" != /lib/modules ]; then
     mount --bind "$MODDIR" $R/lib/modules || fail "bind modules"
 fi

@@ -138,8 +138,8 @@ def build_initramfs(version: str, path: str) -> None:
         f.write(buf.getvalue())
 
 
-def qemu_argv(shared: str, workdir: str, disks: Sequence[str], mem_mb: int, *, use_kvm: bool
-              ) -> tuple[list[str], str, str]:
+def qemu_argv(shared: str, workdir: str, disks: Sequence[str], mem_mb: int, *, use_kvm: bool,
+              extra: Sequence[str] = ()) -> tuple[list[str], str, str]:
     """(argv, label, description) for booting the guest under QEMU."""
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:
@@ -151,7 +151,7 @@ def qemu_argv(shared: str, workdir: str, disks: Sequence[str], mem_mb: int, *, u
     here = os.path.dirname(os.path.abspath(__file__))
     accel = "kvm" if use_kvm else "tcg,thread=multi"
     cmdline = ["console=ttyS0", "quiet", "panic=-1", "rootwait", f"TESSERA_INIT={here}/guest_init.sh",
-               f"TESSERA_SHARED={shared}", "TESSERA_KIND=qemu"]
+               f"TESSERA_SHARED={shared}", "TESSERA_KIND=qemu", *extra]
     argv = [qemu, "-machine", "q35", "-accel", accel, "-cpu", "host" if use_kvm else "max",
             "-smp", str(min(2, os.cpu_count() or 1)), "-m", str(mem_mb),
             "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nodefaults",

@@ -14,6 +14,7 @@ from tests.e2e.junitsum import read_junit
 
 E2E = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "e2e")
 sys.path.insert(0, E2E)
+import guest  # noqa: E402
 import qemu_boot  # noqa: E402
 
 
@@ -85,3 +86,19 @@ def test_plan_lanes_balances_and_keeps_every_suite(monkeypatch) -> None:
         suites.lane_count()
     monkeypatch.setenv("TESSERA_E2E_LANES", "3")
     assert suites.lane_count() == 3
+
+
+def test_exposed_dirs_only_under_guest_tmpfs(monkeypatch) -> None:
+    """A checkout under /tmp (a CI clone) is hidden by the guest's own /tmp unless exposed; one elsewhere is seen
+    through the overlay root already."""
+    g = guest
+    monkeypatch.setattr(g, "HERE", "/tmp/ci-clone/tests/e2e")
+    monkeypatch.setattr(g.sys, "prefix", "/tmp/ci-clone/.venv")
+    assert g.exposed_dirs("/tmp/ci-clone") == ["/tmp/ci-clone"]  # the venv and cwd inside it need nothing more
+    assert g.exposed_dirs("/run/other") == ["/run/other", "/tmp/ci-clone"]
+    monkeypatch.setattr(g, "HERE", "/work/main/tests/e2e")
+    monkeypatch.setattr(g.sys, "prefix", "/work/main/.venv")
+    assert g.exposed_dirs("/work/main") == []
+    monkeypatch.setattr(g, "HERE", "/tmp/a b/tests/e2e")
+    with pytest.raises(g.GuestError, match="space or colon"):
+        g.exposed_dirs("/work")
