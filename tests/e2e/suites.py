@@ -29,22 +29,22 @@ class Suite:
 SUITES: list[Suite] = [
     Suite("lvm-data", ("tests/e2e/inguest/lvm",),
           "LVM backend data path, thick and thin: restage, block, snapshot restore, clone, online grow, capacity",
-          expected=90),
+          expected=85),
     Suite("sanity-lvm", ("tests/sanity", "--sanity-profile", "lvm-thick", "--sanity-profile", "lvm-thin"),
           "the CSI conformance suite against the LVM backend (thick and thin) on a loop-backed VG",
-          timeout=900, expected=370),
+          timeout=900, expected=410),
     Suite("flex-lvm", ("tests/e2e/inguest/flex",),
           "FlexVolume shim + provisioner PVC-to-mount walk on LVM (thick and thin), the shim called as kubelet calls it",
-          expected=30),
+          expected=33),
     Suite("iscsi-data", ("tests/e2e/inguest/iscsi",),
           "iSCSI backend data path: LIO target + open-iscsi via os-brick, CHAP, restage, online grow, shared sessions",
-          expected=70),
+          expected=74),
     Suite("sanity-iscsi", ("tests/sanity", "--sanity-profile", "iscsi-lio-thin", "--sanity-profile", "iscsi-lio-file"),
           "the CSI conformance suite against the iSCSI backend (LIO on thin LVs and on files, open-iscsi initiator)",
-          timeout=1200, expected=580),
+          timeout=1200, expected=620),
     Suite("sanity-rbd-kernel", ("tests/sanity", "--sanity-profile", "rbd-krbd", "--sanity-profile", "rbd-nbd"),
           "the CSI conformance suite against the RBD backend with the kernel mounters (krbd, rbd-nbd) on a Ceph "
-          "cluster started inside the guest", timeout=1200, expected=320),
+          "cluster started inside the guest", timeout=1200, expected=195),
 ]
 
 
