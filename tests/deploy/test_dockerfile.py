@@ -16,7 +16,8 @@ DOCKERFILE = REPO / "deploy" / "image" / "Dockerfile"
 DOCKERIGNORE = REPO / "deploy" / "image" / "Dockerfile.dockerignore"
 REQUIRED_PACKAGES = {"python3-rbd", "python3-rados", "ceph-common", "rbd-nbd", "rbd-fuse", "lvm2", "open-iscsi",
                      "e2fsprogs", "xfsprogs", "util-linux",
-                     "python3-os-brick", "python3-rtslib-fb"}  # iSCSI login (node) and the LIO target (controller)
+                     "python3-os-brick", "python3-rtslib-fb",  # iSCSI login (node) and the LIO target (controller)
+                     "tgt"}  # tgtadm, for the iscsi backend's tgt target driver (tgtd runs on the target host)
 PINNED_DEBIAN = re.compile(r"^debian:(12\.\d+(-slim)?|bookworm-\d{8}(-slim)?)(@sha256:[0-9a-f]{64})?$"
                            r"|^debian(:[\w.-]+)?@sha256:[0-9a-f]{64}$")
 
