@@ -61,6 +61,7 @@ def setup(spec: dict, env: dict[str, str], status: dict) -> list[subprocess.Pope
     # udev: device nodes and /dev/<vg>/<lv>, /dev/disk/by-path links; trigger only block devices (a full coldplug
     # costs seconds for nothing).
     udevd = "/lib/systemd/systemd-udevd"
+    log(f"setup: udev ({uptime():.1f}s)")  # the steps below are named so that a stalled boot shows where
     if os.path.exists(udevd):
         daemons.append(subprocess.Popen([udevd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, env=env))
@@ -68,12 +69,14 @@ def setup(spec: dict, env: dict[str, str], status: dict) -> list[subprocess.Pope
         quiet(["udevadm", "settle", "--timeout=20"], timeout=30)
     # iscsid for the initiator tests; the guest gets its own initiator name (the overlay makes /etc writable).
     if os.path.exists("/usr/sbin/iscsid"):
+        log(f"setup: iscsid ({uptime():.1f}s)")
         os.makedirs("/etc/iscsi", exist_ok=True)
         with open("/etc/iscsi/initiatorname.iscsi", "w") as f:
             f.write("InitiatorName=iqn.2026-01.dev.tessera:guest\n")
         daemons.append(subprocess.Popen(["/usr/sbin/iscsid", "-f"], stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
     if spec.get("scratch"):
+        log(f"setup: scratch disk ({uptime():.1f}s)")
         prepare_scratch(env)
     return daemons
 

@@ -102,3 +102,28 @@ def test_exposed_dirs_only_under_guest_tmpfs(monkeypatch) -> None:
     monkeypatch.setattr(g, "HERE", "/tmp/a b/tests/e2e")
     with pytest.raises(g.GuestError, match="space or colon"):
         g.exposed_dirs("/work")
+
+
+def test_a_hung_boot_is_retried_once_then_reported(tmp_path, monkeypatch) -> None:
+    """A fake guest (a shell command standing in for linux.uml) that never gets ready the first time and works the
+    second: the run succeeds and keeps the hung console; hanging twice is a failure that says so."""
+    import io
+    marker = tmp_path / "booted-once"
+
+    def fake_argv(shared, workdir, disks, mem_mb, fxsr, extra=()):
+        # first boot of each run: hang; the next: get ready and report rc 0 (HANG_ALWAYS: hang every time)
+        ready = f"echo 'tessera-guest: ready after 0.1s'; echo '{{\"rc\": 0}}' > {shared}/status.json"
+        return ["sh", "-c", f'if [ -e {marker} ] && [ -z "$HANG_ALWAYS" ]; then {ready}; '
+                            f'else touch {marker}; echo booting; sleep 30; fi']
+
+    monkeypatch.setattr(guest, "_uml_argv", fake_argv)
+    monkeypatch.setattr(guest, "uml_needs_fxsr", lambda: False)
+    out = io.StringIO()
+    r = guest.run_in_guest(["true"], shared_dir=str(tmp_path / "a"), kind="uml", boot_timeout=1.5, timeout=5,
+                           stream=out)
+    assert r.ok, out.getvalue()
+    assert "boot attempt 1 hung" in out.getvalue() and (tmp_path / "a" / "console-boot1.log").exists()
+    monkeypatch.setenv("HANG_ALWAYS", "1")
+    r = guest.run_in_guest(["true"], shared_dir=str(tmp_path / "b"), kind="uml", boot_timeout=1.5, timeout=5,
+                           stream=io.StringIO())
+    assert not r.ok and "did not get ready" in r.error and (tmp_path / "b" / "console-boot1.log").exists()
