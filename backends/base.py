@@ -230,6 +230,10 @@ class Backend(abc.ABC):
         the name by a convention the operator configures, or raise FailedPrecondition saying what to set."""
         return {}
 
+    def node_attribute_remedy(self, key: str, want: str) -> str:
+        """What an operator does so that this node has attribute `key` = `want` (see `node_attributes_for_name`)."""
+        return f"give this node {key}={want}"
+
     def secret_publish_keys(self) -> frozenset[str]:
         """Keys of this backend's publish context that are credentials. Where the publish context must travel
         through a place others can read (a FlexVolume attach answer lands in the Node object's status), these keys

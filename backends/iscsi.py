@@ -426,6 +426,12 @@ class IscsiBackend(Backend):
                                   f"{node_name}, which is not a valid iSCSI initiator name (at most 223 bytes)")
         return {"iqn": iqn}
 
+    def node_attribute_remedy(self, key: str, want: str) -> str:
+        if key == "iqn":
+            return (f"set InitiatorName={want} in /etc/iscsi/initiatorname.iscsi and restart iscsid (and drop the "
+                    "backend's initiatorName setting if it differs)")
+        return super().node_attribute_remedy(key, want)
+
     # ---- node -------------------------------------------------------------------------------------------------
     def node_attributes(self) -> dict[str, str]:
         return {"iqn": self.initiator_name()}

@@ -13,11 +13,22 @@ from backends.errors import NotFound
 from backends.util import CommandError, run
 
 
-def _list() -> list[dict]:
-    out = run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE"]).stdout
+def _list(columns: str = "NAME,BACK-FILE") -> list[dict]:
+    out = run(["losetup", "--json", "--list", "--output", columns]).stdout
     if not out.strip():
         return []
     return json.loads(out).get("loopdevices", [])
+
+
+def _new(path: str, direct_io: bool, read_only: bool) -> str:
+    """A fresh loop device over `path` (a file or a block device)."""
+    base = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
+    if direct_io:
+        try:
+            return run(base + ["--direct-io=on", path]).stdout.strip()
+        except CommandError:
+            pass  # the backing filesystem cannot do O_DIRECT; buffered mode still works
+    return run(base + [path]).stdout.strip()
 
 
 def find(path: str) -> Optional[str]:
@@ -34,18 +45,7 @@ def attach(path: str, direct_io: bool = True, read_only: bool = False) -> str:
     """Attach `path` to a free loop device, or return the device it is already attached to."""
     if not os.path.exists(path):
         raise NotFound(f"backing file {path} does not exist")
-    existing = find(path)
-    if existing:
-        return existing
-    base = ["losetup", "--find", "--show"]
-    if read_only:
-        base.append("--read-only")
-    if direct_io:
-        try:
-            return run(base + ["--direct-io=on", path]).stdout.strip()
-        except CommandError:
-            pass  # the backing filesystem cannot do O_DIRECT; buffered mode still works
-    return run(base + [path]).stdout.strip()
+    return find(path) or _new(path, direct_io, read_only)
 
 
 def detach(device: str) -> None:
@@ -67,15 +67,8 @@ def refresh(device: str) -> None:
 
 def read_only_views(device: str) -> list[str]:
     """Read-only loop devices stacked on `device` (made by `attach_read_only_view`), oldest first."""
-    out = run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE,RO"]).stdout
-    if not out.strip():
-        return []
-    found = []
-    for dev in json.loads(out).get("loopdevices", []):
-        ro = dev.get("ro")
-        if (dev.get("back-file") or "") == device and ro in (True, 1, "1"):
-            found.append(dev["name"])
-    return found
+    return [dev["name"] for dev in _list("NAME,BACK-FILE,RO")
+            if (dev.get("back-file") or "") == device and dev.get("ro") in (True, 1, "1")]
 
 
 def attach_read_only_view(device: str, exclude: frozenset[str] = frozenset()) -> str:
@@ -87,8 +80,4 @@ def attach_read_only_view(device: str, exclude: frozenset[str] = frozenset()) ->
     for view in read_only_views(device):
         if view not in exclude:
             return view
-    base = ["losetup", "--find", "--show", "--read-only"]
-    try:
-        return run(base + ["--direct-io=on", device]).stdout.strip()
-    except CommandError:
-        return run(base + [device]).stdout.strip()
+    return _new(device, direct_io=True, read_only=True)

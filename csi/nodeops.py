@@ -194,12 +194,7 @@ class NodeOps:
             block = capability.access_type == "block"
             top = mounts.top_mount(target_path)
             if top is not None:
-                st = os.stat(target_path)
-                if block:
-                    known = rec.targets.get(target_path, {}).get("device") or rec.device
-                    same = st.st_rdev in (os.stat(rec.device).st_rdev, os.stat(known).st_rdev)
-                else:
-                    same = st.st_dev == os.stat(staging_path).st_dev
+                same = self._path_holds(rec, target_path) and stat.S_ISBLK(os.stat(target_path).st_mode) == block
                 if same and top.readonly == ro:
                     return
                 raise AlreadyExists(f"target_path {target_path} is already published "

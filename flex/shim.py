@@ -192,9 +192,7 @@ class Shim:
             for key, want in sorted(granted.attributes.items()):
                 have = mine.get(key, "")
                 if have != want:
-                    fix = (f"set InitiatorName={want} in /etc/iscsi/initiatorname.iscsi and restart iscsid (and "
-                           "drop the backend's initiatorName setting if it differs)" if key == "iqn" else
-                           f"give this node {key}={want}")
+                    fix = backend.node_attribute_remedy(key, want)
                     raise FailedPrecondition(
                         f"volume {volume_id} was attached for node {granted.name} with {key}={want} (derived from "
                         f"the node name by the backend's config, e.g. the iscsi initiatorNameTemplate), but this node "

@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Mapping, Optional, Sequence, Union
 
+from backends.errors import NotFound
 from csi import constants
+from csi.ids import parse_id
 
 PROVISIONER_NAME = "tessera.csi.dev/flex"
 FLEX_DRIVER = "tessera/block"
@@ -225,17 +227,20 @@ def secret_ref(params: Mapping[str, str], prefix: str, pvc_namespace: str, pvc_n
     return SecretRef(ns, name)
 
 
+# the csi.storage.k8s.io/ StorageClass parameters this provisioner reads or accepts
+KNOWN_CSI_PARAMS = frozenset({PARAM_CSI_FS_TYPE, *IGNORED_SECRET_PARAMS} | {
+    p + s for p in (PARAM_PROVISIONER_SECRET, PARAM_NODE_STAGE_SECRET, PARAM_NODE_PUBLISH_SECRET)
+    for s in ("-name", "-namespace")})
+
+
 def split_parameters(params: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """(the backend's parameters, the csi.storage.k8s.io/ ones); an unknown reserved key is refused."""
-    known = {PARAM_CSI_FS_TYPE, *IGNORED_SECRET_PARAMS} | {
-        p + s for p in (PARAM_PROVISIONER_SECRET, PARAM_NODE_STAGE_SECRET, PARAM_NODE_PUBLISH_SECRET)
-        for s in ("-name", "-namespace")}
     backend, reserved = {}, {}
     for k, v in params.items():
         if k.startswith(CSI_PARAM_PREFIX) and k not in constants.EXTRA_METADATA_PARAMS:
-            if k not in known:
+            if k not in KNOWN_CSI_PARAMS:
                 raise Unprovisionable(f"StorageClass parameter {k!r} uses the reserved {CSI_PARAM_PREFIX} prefix but "
-                                      f"is not one this provisioner knows ({', '.join(sorted(known))})")
+                                      f"is not one this provisioner knows ({', '.join(sorted(KNOWN_CSI_PARAMS))})")
             reserved[k] = v
         else:
             backend[k] = v
@@ -282,6 +287,14 @@ def volume_request(pvc: Mapping, sc: Mapping, my_node: str,
     requisite = [{constants.TOPOLOGY_NODE_KEY: selected}] if selected else []
     return VolumeRequest(volume_name(pvc), required, limit, [ACCESS_MODES[x] for x in modes], fs_type, params,
                          list(sc.get("mountOptions") or []), requisite, mode, prov_secret, stage or publish)
+
+
+def _backend_of_id(volume_id: str) -> str:
+    """The backend a volume ID names ("" for a string that is no Tessera ID: DeleteVolume treats it as gone)."""
+    try:
+        return parse_id(volume_id).backend
+    except NotFound:
+        return ""
 
 
 def pv_node(pv: Mapping) -> Optional[str]:
@@ -387,7 +400,7 @@ def plan(pvcs: Sequence[Mapping], pvs: Sequence[Mapping], storage_classes: Seque
         vid = ((spec.get("flexVolume") or {}).get("options") or {}).get("volumeID") or ann.get(ANN_VOLUME_ID)
         if not vid:
             continue
-        if vid.partition(":")[0] in node_local_backends and pv_node(pv) != my_node:
+        if _backend_of_id(vid) in node_local_backends and pv_node(pv) != my_node:
             continue  # only the volume's node can delete it (None: nobody can tell which node that is)
         actions.append(Delete(pv, vid, deletion_secret(pv, classes)))
     return actions
