@@ -229,7 +229,7 @@ def _boot(cmd: list[str], env: dict[str, str], workdir: str, preexec, log_path: 
 
 
 def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind: Optional[str] = None,
-                 timeout: float = 1200.0, boot_timeout: float = 180.0, env: Optional[dict[str, str]] = None,
+                 timeout: float = 1200.0, boot_timeout: Optional[float] = None, env: Optional[dict[str, str]] = None,
                  cwd: Optional[str] = None, disks_mib: Sequence[int] = (), mem_mb: int = 1536,
                  modules: Sequence[str] = GUEST_MODULES, scratch_mib: int = 0,
                  stream: Optional[TextIO] = None, boot_attempts: int = 2) -> GuestResult:
@@ -237,6 +237,8 @@ def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind:
     console to `stream`, and return what happened. Never raises for guest failures: they are in the result.
     `scratch_mib` adds a first extra disk that the guest formats and mounts at /scratch ($TESSERA_SCRATCH)."""
     kind = choose_kind(kind)
+    if boot_timeout is None:  # UML is ready in ~6 s (60 s leaves room for a loaded host); QEMU/TCG needs minutes
+        boot_timeout = 60.0 if kind == "uml" else 180.0
     stream = stream or sys.stdout
     own_shared = shared_dir is None
     shared = os.path.abspath(shared_dir or tempfile.mkdtemp(prefix="tessera-guest-"))

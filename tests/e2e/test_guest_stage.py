@@ -22,6 +22,7 @@ import shutil
 import sys
 import threading
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 
@@ -55,13 +56,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(max(_LANE_TIMEOUTS) + 600)]
 class _Prefixed(io.TextIOBase):
     """A console stream that prefixes each line with its lane, so parallel guests stay readable."""
 
-    def __init__(self, prefix: str, out) -> None:
+    def __init__(self, prefix: str, out, ready: Optional[threading.Event] = None) -> None:
         self.prefix, self.out, self.lock = prefix, out, _PRINT_LOCK
         self.partial = ""
+        self.ready = ready  # set when the guest says it is ready (the next lane then boots)
 
     def write(self, text: str) -> int:
         self.partial += text
         *lines, self.partial = self.partial.split("\n")
+        if self.ready is not None and any("tessera-guest: ready after" in ln for ln in lines):
+            self.ready.set()
         if lines:
             with self.lock:
                 self.out.write("".join(f"{self.prefix}{line}\n" for line in lines))
@@ -73,6 +77,7 @@ class _Prefixed(io.TextIOBase):
 
 
 _PRINT_LOCK = threading.Lock()
+BOOT_STAGGER_LIMIT = 300.0  # seconds a lane waits at most for the previous lane's guest to be ready
 
 
 @dataclass
@@ -95,15 +100,24 @@ def stage(request, tmp_path_factory) -> Stage:
     ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
     out: list = [None] * len(LANES)
 
+    # Lanes boot one after another: each starts once the previous guest is ready (or its boot gave up), because two
+    # UML guests booting at the same moment were seen to stall formatting their scratch disk (2 boots in ~50).
+    ready = [threading.Event() for _ in LANES]
+
     def run_lane(i: int) -> None:
+        if i:
+            ready[i - 1].wait(timeout=BOOT_STAGGER_LIMIT)
         lane_dir = os.path.join(results, f"lane-{i}")
         os.makedirs(lane_dir, exist_ok=True)
         argv = [sys.executable, os.path.join(_HERE, "inguest_run.py"), lane_dir, *[s.name for s in LANES[i]]]
         try:
             out[i] = guest.run_in_guest(argv, shared_dir=lane_dir, cwd=_REPO, env=env, scratch_mib=8192,
-                                        timeout=_LANE_TIMEOUTS[i], stream=_Prefixed(f"[lane {i}] ", sys.stdout))
+                                        timeout=_LANE_TIMEOUTS[i],
+                                        stream=_Prefixed(f"[lane {i}] ", sys.stdout, ready[i]))
         except Exception as e:  # noqa: BLE001 - a guest that cannot start is this lane's failure, not a hang
             out[i] = guest.GuestResult(kind=kind, rc=-1, ok=False, error=f"could not start the guest: {e!r}")
+        finally:
+            ready[i].set()  # never keep the next lane waiting for a guest that is gone
 
     with ctx:
         for i, lane in enumerate(LANES):
