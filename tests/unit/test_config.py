@@ -56,3 +56,55 @@ def test_yaml_syntax_error_is_reported(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(str(f))
     assert e.value.problems[0].startswith("(yaml):")
+
+
+def test_duplicate_keys_named_with_both_lines(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(textwrap.dedent("""\
+        backends:
+          fast:
+            type: file
+            directory: /tmp/a
+          fast:
+            type: file
+            directory: /tmp/b
+            directory: /tmp/c
+    """))
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    problems = e.value.problems
+    assert any(p.startswith("backends.fast: defined twice (lines 2 and 5)") for p in problems), problems
+    assert any(p.startswith("backends.fast.directory: defined twice (lines 7 and 8)") for p in problems), problems
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n# and another\n"])
+def test_empty_file_is_an_error_not_the_default(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    assert e.value.problems[0].startswith("(file): is empty")
+
+
+def test_unknown_keys_get_a_suggestion():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"stateDri": "/var/lib/t", "node": {"allowedPathPrefix": ["/var/lib/kubelet"]},
+                      "backends": {"local": {"type": "file", "directory": "/tmp/x", "directio": True}}})
+    problems = e.value.problems
+    assert "stateDri: unknown key (did you mean 'stateDir'?)" in problems, problems
+    assert "node.allowedPathPrefix: unknown key (did you mean 'allowedPathPrefixes'?)" in problems, problems
+    assert "backends.local.directio: unknown key (did you mean 'directIO'?)" in problems, problems
+
+
+def test_unknown_key_far_from_any_lists_the_known_ones():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"backends": {"local": {"type": "file", "directory": "/tmp/x", "colour": "red"}}})
+    assert "backends.local.colour: unknown key (known keys: directIO, directory)" in e.value.problems
+
+
+def test_non_utf8_file_is_reported(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"backends:\n  local: {type: file, directory: /tmp/\xff}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    assert e.value.problems == ["(file): is not UTF-8 text"]
