@@ -5,7 +5,7 @@ RUN_DIR   ?= $(CURDIR)/.run
 ENDPOINT  ?= unix://$(RUN_DIR)/csi.sock
 PYTEST_ARGS ?=
 
-.PHONY: run test deps-core deps-all proto proto-check unit e2e bench clean
+.PHONY: run test deps-core deps-all proto proto-check schema unit e2e bench clean
 
 ## run: install what the file backend needs, then serve the driver on the embedded default (file backend)
 run: deps-core
@@ -27,6 +27,10 @@ proto:
 
 proto-check:
 	$(PY) proto/generate.py --check
+
+## schema: regenerate deploy/config.schema.json and the chart's values schema from the config models
+schema:
+	$(PY) -m csi.config_schema --write
 
 ## unit: the fast host-only tests
 unit:
