@@ -58,6 +58,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tessera-csi", description="Tessera CSI storage driver")
+    p.add_argument("--version", action="version", version=f"tessera-csi {constants.VENDOR_VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the CSI plugin on a unix socket")
     s.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", f"unix://{constants.NODE_SOCKET_PATH}"),

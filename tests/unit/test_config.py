@@ -108,3 +108,10 @@ def test_non_utf8_file_is_reported(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(str(f))
     assert e.value.problems == ["(file): is not UTF-8 text"]
+
+
+def test_version_flag_and_command_agree():
+    flag = subprocess.run([sys.executable, "-m", "csi.cli", "--version"], capture_output=True, text=True)
+    cmd = subprocess.run([sys.executable, "-m", "csi.cli", "version"], capture_output=True, text=True)
+    assert flag.returncode == 0 and cmd.returncode == 0
+    assert flag.stdout.startswith("tessera-csi ") and flag.stdout == cmd.stdout
