@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import sys
@@ -18,8 +17,8 @@ def _node_name(flag: Optional[str]) -> str:
 def _serve(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .server import EndpointError, build, serve_forever
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from .logfmt import configure
+    configure(args.log_format, args.log_level)
     try:
         config = load_config(args.config, args.state_dir)
     except ConfigError as e:
@@ -70,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", default="all", choices=["all", "controller", "node"])
     s.add_argument("--metrics-address", default=None, help="HOST:PORT for Prometheus /metrics")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text: a prefixed line per record; json: one JSON object per line, C libraries' stderr "
+                        "lines included")
     s.set_defaults(func=_serve)
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)

@@ -126,3 +126,10 @@ def test_notes_and_changelog_ship_with_the_chart():
     notes = next(text for path, text in out.items() if path.endswith("NOTES.txt"))
     assert "tessera.csi.dev" in notes and "kubectl -n tessera-csi get pods" in notes
     assert (CHART_DIR / "CHANGELOG.md").read_text().startswith("# tessera-csi chart")
+
+
+def test_plugins_log_json_by_default_and_text_on_request():
+    docs = _validated({"controllerMode": "shared", "node": {"logFormat": "text"}})
+    plugin = lambda wl: checks.plugin_args(next(c for c in containers(wl) if c["name"] == "tessera-csi"))
+    assert plugin(_controller(docs)).log_format == "json"
+    assert plugin(_node(docs)).log_format == "text"

@@ -1,0 +1,118 @@
+"""How the process writes its log: `text` for people at a terminal, `json` (one object per line) for collectors.
+
+Why JSON lines need more than a formatter: the per-RPC line is already a JSON object, but a text prefix in front of
+it made every collector parse it twice, and C libraries (librados, librbd) write their own lines straight to file
+descriptor 2, which no Python formatter sees. In json mode the process's fd 2 is therefore a pipe read by one thread
+that wraps each foreign line into an object with its level (Ceph's priority column where the line has one), and
+Python's logging writes to the original stderr. Every line on the real stderr is then one JSON object.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import IO, Any, Optional
+
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+MAX_LINE = 8192  # characters of one foreign stderr line kept in the log
+
+
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record. A message that is itself a JSON object (the per-RPC line) is merged into the
+    record's object rather than nested as a string, so collectors see `method`, `code`, `duration_ms` as fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"time": _timestamp(record.created), "level": record.levelname.lower(),
+                               "logger": record.name}
+        message = record.getMessage()
+        fields: Optional[dict[str, Any]] = None
+        if message.startswith("{"):
+            try:
+                parsed = json.loads(message)
+                fields = parsed if isinstance(parsed, dict) else None
+            except ValueError:
+                fields = None
+        if fields is not None:
+            out.update({k: v for k, v in fields.items() if k not in ("time", "level", "logger")})
+        else:
+            out["message"] = message
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def ceph_level(line: str) -> str:
+    """The level of a line a Ceph library wrote itself: `<date> <time> <thread> <prio> <subsystem>: ...` where prio
+    -1 is an error, 0 a warning, 1-5 information and more debugging; a line without that shape is a warning (a C
+    library writing to stderr unasked usually has something to say)."""
+    parts = line.split(None, 4)
+    for token in parts[2:4]:
+        try:
+            prio = int(token)
+        except ValueError:
+            continue
+        return "error" if prio < 0 else "warning" if prio == 0 else "info" if prio <= 5 else "debug"
+    return "warning"
+
+
+def _pump(read_fd: int, out: IO[str]) -> None:
+    with os.fdopen(read_fd, "r", errors="replace") as pipe:
+        for line in pipe:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            obj = {"time": _timestamp(time.time()), "level": ceph_level(line), "logger": "stderr",
+                   "message": line[:MAX_LINE]}
+            try:
+                out.write(json.dumps(obj) + "\n")
+                out.flush()
+            except (OSError, ValueError):
+                return
+
+
+def _drain(pump: threading.Thread) -> None:
+    """At exit, close every write end of the pipe so the pump sees its end and writes what is still in it: the last
+    lines before an exit (a config error, a fatal message) are the ones an operator needs."""
+    try:
+        sys.stderr.flush()
+        sys.stderr.close()
+        os.close(2)
+    except OSError:
+        pass
+    pump.join(timeout=2.0)
+
+
+def configure(log_format: str, level: str, capture_stderr: bool = True) -> None:
+    """Set up the root logger for `log_format`; in json mode also route fd 2 through the wrapping thread."""
+    if log_format not in FORMATS:
+        raise ValueError(f"log format {log_format!r}: one of {', '.join(FORMATS)}")
+    stream: IO[str] = sys.stderr
+    if log_format == "json" and capture_stderr:
+        try:
+            original = os.fdopen(os.dup(2), "w", buffering=1)
+            read_fd, write_fd = os.pipe()
+            os.dup2(write_fd, 2)
+            os.close(write_fd)
+            sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)  # stray Python prints get wrapped too
+            pump = threading.Thread(target=_pump, args=(read_fd, original), name="stderr-json", daemon=True)
+            pump.start()
+            atexit.register(_drain, pump)
+            stream = original
+        except OSError:
+            stream = sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
