@@ -261,3 +261,31 @@ class Backend(abc.ABC):
 
     def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
         """Make the kernel see a grown device (loop capacity refresh, iSCSI rescan, ...)."""
+
+    def node_attachment_valid(self, local_id: str, attachment: Attachment,
+                              context: Mapping[str, str]) -> Optional[bool]:
+        """Whether `attachment` (as `node_attach` returned it, kept in the node's stage record, possibly from an
+        earlier boot) is *still* this volume's device on this node. The node plugin asks before it trusts a record:
+        at every NodeStage of a staged volume, before every NodePublish binds the device, before an unstage hands
+        the recorded device to `node_detach`, and when it starts.
+
+        Answer from the kernel's state now, never from the record alone, and quickly (no storage round trip where
+        the kernel can tell; this runs at every stage and publish):
+        - True: proven — `attachment.device` exists and the kernel shows that it is this volume (file: the loop
+          device's backing file is the volume's image, same inode and filesystem; rbd: /sys/bus/rbd/devices/<id>/
+          {pool,name} name this image, or the nbd device's process serves it; iscsi: the SCSI disk's target IQN and
+          LUN are this volume's; lvm: the device-mapper node is this LV).
+        - False: proven not — the device is gone or now belongs to something else. The node attaches again
+          (`node_attach`) and never passes this device to `node_detach`.
+        - None (this default): cannot tell. The node attaches again at NodeStage (node_attach is idempotent, so
+          an attached volume gets its same device back); at NodePublish it then relies on the device number it
+          recorded in this boot. Override it so that a reboot or a device reused behind the plugin's back is
+          caught rather than assumed away.
+        Must not raise for a missing or foreign device (answer False); `context` is the volume context recorded
+        at stage (nothing secret)."""
+        return None
+
+    def owned_paths(self) -> list[str]:
+        """Host directories this backend owns (its images, its own state). The node plugin refuses any staging or
+        target path that is, or lies under, one of them, whatever the request or the allowed prefixes say."""
+        return []

@@ -265,5 +265,22 @@ class FileBackend(Backend):
         from csi import loopdev
         loopdev.refresh(attachment.device)
 
+    def node_attachment_valid(self, local_id: str, attachment: Attachment,
+                              context: Mapping[str, str]) -> Optional[bool]:
+        """The loop device is this volume's when the kernel says its backing file is this volume's image: the
+        same inode on the same filesystem (a loop device freed and reattached to another image, or left over a
+        deleted image of the same name, is not)."""
+        from csi import loopdev
+        try:
+            img, _ = self._vol_paths(local_id)
+        except NotFound:
+            return False
+        if not attachment.device or not os.path.exists(attachment.device):
+            return False
+        return loopdev.backs(attachment.device, img)
+
+    def owned_paths(self) -> list[str]:
+        return [self.options.directory]
+
 
 BACKEND = FileBackend

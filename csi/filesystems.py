@@ -47,6 +47,47 @@ def ensure_formatted(device: str, fstype: str) -> str:
     return found
 
 
+# Mount options that change what mount(8) does rather than how the filesystem is mounted: a remount or bind of
+# something else, a loop device made by mount itself (never detached by the plugin), directories made by mount.
+_ACTION_OPTIONS = frozenset({"remount", "bind", "rbind", "move", "loop", "offset", "sizelimit", "encryption",
+                             "private", "rprivate", "shared", "rshared", "slave", "rslave", "unbindable",
+                             "runbindable"})
+
+
+def _options_in(flag: str) -> list[str]:
+    """The options one flag holds: split at commas outside double quotes (an SELinux `context="a:b:c0,c1"` is one)."""
+    out, cur, quoted = [], [], False
+    for ch in flag:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return out
+
+
+def check_mount_flags(flags: Sequence[str]) -> None:
+    """Refuse (INVALID_ARGUMENT) a mount flag that would make mount(8) act on something other than the volume's
+    filesystem at the path the plugin chose (a remount, a bind, a loop device made by mount itself, which the
+    plugin would never detach): such a flag is the commonest way a stage fails half-way or touches the host."""
+    if len(flags) > 64:
+        raise InvalidArgument("at most 64 mount flags are accepted")
+    for flag in flags:
+        if not isinstance(flag, str) or not flag or len(flag) > 1024 or "\x00" in flag:
+            raise InvalidArgument("each mount flag must be a non-empty option of at most 1024 characters")
+        for opt in _options_in(flag):
+            name = opt.split("=", 1)[0].strip().lower()
+            if not name:
+                raise InvalidArgument(f"mount flag {flag[:64]!r} holds an empty option")
+            if name in _ACTION_OPTIONS or name.startswith(("x-mount.", "make-", "loop")):
+                raise InvalidArgument(f"mount flag {opt[:64]!r} is not allowed: it changes what mount does "
+                                      "(remount, bind, loop device, ...) rather than how the volume's filesystem "
+                                      "is mounted")
+
+
 def stage_options(fstype: str, mount_flags: Sequence[str]) -> list[str]:
     """Mount options for the staging mount. A snapshot or clone of an xfs volume carries its source's filesystem
     UUID, and xfs refuses a second mount of a UUID already mounted on the node: `nouuid` lets the restored volume

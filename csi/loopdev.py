@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 from backends.errors import NotFound
@@ -41,11 +42,65 @@ def find(path: str) -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class Backing:
+    """What a loop device is attached to, as the kernel reports it."""
+    path: str          # the backing file's name when it was attached; "" when the device is free
+    inode: int
+    dev: int           # st_dev of the filesystem holding the backing file
+    read_only: bool
+    deleted: bool      # the backing file was unlinked since (the name then means nothing)
+
+
+def backing(device: str) -> Optional[Backing]:
+    """The backing file of loop device `device`, or None when the device is free, gone or not a loop device."""
+    try:
+        out = run(["losetup", "--json", "--list", "--output", "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,RO", "--",
+                   device]).stdout
+    except CommandError:
+        return None
+    try:
+        found = json.loads(out).get("loopdevices", []) if out.strip() else []
+    except ValueError:
+        return None
+    for dev in found:
+        back = dev.get("back-file")
+        if not back:
+            return None
+        deleted = back.endswith(" (deleted)")
+        try:
+            major, minor = (int(x) for x in str(dev.get("back-maj:min") or "").strip().split(":"))
+            inode = int(dev.get("back-ino") or 0)
+        except ValueError:
+            return None
+        return Backing(back.removesuffix(" (deleted)"), inode, os.makedev(major, minor),
+                       dev.get("ro") in (True, 1, "1"), deleted)
+    return None
+
+
+def backs(device: str, path: str) -> bool:
+    """Whether loop device `device` is attached to the very file now at `path` (same inode on the same filesystem,
+    not a deleted file that once had that name, nor another file at that name)."""
+    b = backing(device)
+    if b is None or b.deleted:
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return b.inode == st.st_ino and b.dev == st.st_dev
+
+
 def attach(path: str, direct_io: bool = True, read_only: bool = False) -> str:
-    """Attach `path` to a free loop device, or return the device it is already attached to."""
+    """Attach `path` to a free loop device, or return the device it is already attached to (the very file: a loop
+    device left over a deleted file of the same name is not reused)."""
     if not os.path.exists(path):
         raise NotFound(f"backing file {path} does not exist")
-    return find(path) or _new(path, direct_io, read_only)
+    for dev in _list():
+        if dev.get("back-file") in (path, os.path.realpath(path)) and backs(dev["name"], path) and \
+                getattr(backing(dev["name"]), "read_only", None) == read_only:  # a reader never gets a writable one
+            return dev["name"]
+    return _new(path, direct_io, read_only)
 
 
 def detach(device: str) -> None:

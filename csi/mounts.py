@@ -78,6 +78,11 @@ def mount(source: str, target: str, fstype: Optional[str] = None, options: Seque
     run(argv, timeout=120)
 
 
+def unmount(target: str) -> None:
+    """Unmount the top mount at `target` (one; the caller has checked that it is the one to go)."""
+    run(["umount", "--", target], timeout=120)
+
+
 def unmount_all(target: str) -> None:
     """Unmount every mount stacked on `target`; nothing mounted is success."""
     for _ in range(16):
@@ -88,6 +93,11 @@ def unmount_all(target: str) -> None:
         except CommandError as e:
             if "not mounted" in e.stderr:
                 return
+            if "busy" in e.stderr:  # EBUSY: a process or a mount below holds it; the spec's answer is FAILED_PRECONDITION
+                from backends.errors import InUse
+                from .holders import describe
+                raise InUse(f"{target} is busy{describe(target, [m.mountpoint for m in table()])}; stop what uses "
+                            "it, then retry") from None
             raise
     raise RuntimeError(f"{target} still mounted after 16 unmounts")
 

@@ -96,8 +96,9 @@ def build(config: Config, endpoint: str, node_name: str, mode: str = "all", work
     if controller:
         rpc.add_ControllerServicer_to_server(ControllerService(ControllerOps(backends, locks)), server)
     if mode in ("all", "node"):
-        rpc.add_NodeServicer_to_server(NodeService(NodeOps(backends, config.node.maxVolumesPerNode,
-                                                           config.node.allowedPathPrefixes, locks)), server)
+        nodeops = NodeOps(backends, config.node.maxVolumesPerNode, config.node.allowedPathPrefixes, locks)
+        nodeops.reconcile()  # records whose mounts and devices are gone (a reboot) are dropped, and logged
+        rpc.add_NodeServicer_to_server(NodeService(nodeops), server)
     hs = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     if server.add_insecure_port(endpoint) == 0:

@@ -45,7 +45,8 @@ class Records:
 
     @staticmethod
     def _key(text: str) -> str:
-        return hashlib.sha256(text.encode()).hexdigest()[:40]
+        # kubelet's arguments arrive as bytes the OS gave Python (undecodable ones as surrogates): hash them as given
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
     def _path(self, path: str) -> str:
         return os.path.join(self.mount_dir, self._key(os.path.normpath(path)) + ".json")

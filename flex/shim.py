@@ -135,15 +135,18 @@ class Shim:
         return CapabilitySpec("mount", opts.access_mode, opts.fs_type, tuple(opts.mount_flags))
 
     def auto_staging_path(self, pod_dir: str, volume_id: str) -> str:
-        """Where `mount` stages a volume when kubelet does not (attach: false): inside kubelet's own directory when
-        the pod path shows where that is (so allowedPathPrefixes that admit kubelet paths admit it too), else under
-        the state dir."""
+        """Where `mount` stages a volume when kubelet does not (attach: false): inside kubelet's own directory,
+        which the pod path shows (so allowedPathPrefixes that admit kubelet paths admit it too). A directory that
+        is not a kubelet pod volume path is refused: the plugin's state directory is never a mount point."""
         import hashlib
         key = hashlib.sha256(volume_id.encode()).hexdigest()[:32]
-        head, sep, _ = os.path.normpath(pod_dir).partition("/pods/")
-        if sep:
-            return os.path.join(head, "plugins", "tessera~block", "staging", key)
-        return os.path.join(self.config.state_dir, "flex", "staging", key)
+        head, sep, _ = pod_dir.partition("/pods/")
+        if not sep or not head:
+            from backends.errors import InvalidArgument
+            from csi.paths import shown
+            raise InvalidArgument(f"mount directory {shown(pod_dir)} is not a kubelet pod volume directory "
+                                  "(<kubelet root>/pods/<uid>/volumes/...); nothing was mounted")
+        return os.path.join(head, "plugins", "tessera~block", "staging", key)
 
     # ---- commands -----------------------------------------------------------------------------------------
     def init(self, args: Sequence[str]) -> Reply:
@@ -236,17 +239,20 @@ class Shim:
         raw, plain = P.split_json(args, 2, "mountdevice", "mountdevice <mount dir> <device> <json options>")
         mount_dir, device = plain
         opts = P.parse_options(raw)
+        ops = self.nodeops()
+        mount_dir = ops.check_path(mount_dir, "mount directory")  # judged before anything is written or made
         pc = self.check_granted_node(opts.volume_id, device)
         from .records import KIND_DEVICE, MountRecord
         with self.records.volume_lock(opts.volume_id):
-            os.makedirs(mount_dir, mode=0o750, exist_ok=True)
+            had = self.records.get(mount_dir)
             self.records.put(MountRecord(mount_dir, KIND_DEVICE, opts.volume_id, opts.pv_name, readonly=opts.readonly,
                                          fs_type=opts.fs_type))
             try:
-                rec = self.nodeops().stage(opts.volume_id, mount_dir, self.capability(opts), opts.context, pc,
-                                           opts.secrets)
+                # NodeOps makes the directory when kubelet has not (and records that it did)
+                rec = ops.stage(opts.volume_id, mount_dir, self.capability(opts), opts.context, pc, opts.secrets,
+                                create_staging=True)
             except BaseException:
-                self._forget_if_unmounted(mount_dir)
+                self._restore(mount_dir, had)  # a failed stage left nothing behind; neither does its record
                 raise
         return P.success(f"volume {opts.volume_id} ({rec.device}) mounted at {mount_dir}")
 
@@ -267,26 +273,31 @@ class Shim:
         opts = P.parse_options(raw)
         from .records import KIND_DEVICE, KIND_POD, MountRecord
         ops = self.nodeops()
+        target = ops.check_path(target, "mount directory")  # judged before anything is written or made
         cap = self.capability(opts)
         with self.records.volume_lock(opts.volume_id):
             staged = ops.record(opts.volume_id)
             auto = staged is None
             staging = self.auto_staging_path(target, opts.volume_id) if auto else staged.staging_path
             if auto:
-                os.makedirs(staging, mode=0o750, exist_ok=True)
+                staging = ops.check_path(staging, "staging directory")
+                # the shim's own directory under kubelet's plugins/ (the staging directory itself is NodeOps')
+                os.makedirs(os.path.dirname(staging), mode=0o750, exist_ok=True)
+                had = self.records.get(staging)
                 self.records.put(MountRecord(staging, KIND_DEVICE, opts.volume_id, opts.pv_name, auto_staged=True,
                                              fs_type=opts.fs_type))
                 try:
-                    ops.stage(opts.volume_id, staging, cap, opts.context, {}, opts.secrets)
+                    ops.stage(opts.volume_id, staging, cap, opts.context, {}, opts.secrets, create_staging=True)
                 except BaseException:
-                    self._forget_if_unmounted(staging)
+                    self._restore(staging, had)
                     raise
+            had_target = self.records.get(target)
             self.records.put(MountRecord(target, KIND_POD, opts.volume_id, opts.pv_name, staging_path=staging,
                                          readonly=opts.readonly, fs_type=opts.fs_type, fs_group=opts.fs_group))
             try:
                 ops.publish(opts.volume_id, staging, target, cap, opts.readonly, opts.context)
             except BaseException:
-                self._forget_if_unmounted(target)
+                self._restore(target, had_target)
                 if auto:
                     self._unstage_if_unused(ops, opts.volume_id)
                 raise
@@ -338,10 +349,12 @@ class Shim:
                              f"(umount {path}) and retry")
         return P.success(f"{path} is not mounted and has no Tessera mount record; nothing to unmount")
 
-    def _forget_if_unmounted(self, path: str) -> None:
-        from csi import mounts
-        if not mounts.is_mountpoint(path):
+    def _restore(self, path: str, had) -> None:
+        """Put the mount record of `path` back as it was before a call that failed (NodeOps undid its own work)."""
+        if had is None:
             self.records.drop(path)
+        else:
+            self.records.put(had)
 
     def _unstage_if_unused(self, ops, volume_id: str) -> None:
         """Unstage a volume that `mount` staged itself once no pod target remains (attach: false)."""
@@ -354,12 +367,8 @@ class Shim:
         from csi import mounts
         if any(mounts.is_mountpoint(t) for t in staged.targets):
             return
-        ops.unstage(volume_id, staged.staging_path)
+        ops.unstage(volume_id, staged.staging_path)  # removes the staging directory it made
         self.records.drop(staged.staging_path)
-        try:
-            os.rmdir(staged.staging_path)
-        except OSError:
-            pass
 
 
 def _size(text: str, what: str) -> int:
