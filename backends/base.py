@@ -18,11 +18,14 @@ from __future__ import annotations
 import abc
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict
 
 from .errors import Unsupported
+
+if TYPE_CHECKING:
+    from .locking import LockProvider
 
 AccessType = Literal["mount", "block"]
 
@@ -176,6 +179,33 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release connections at shutdown."""
+
+    # ---- operations that never race (csi/locks.py has the claims and the conflict matrix) -------------------
+    def operation_lock_provider(self) -> Optional["LockProvider"]:
+        """Where the controller's operation locks on this backend's objects must also hold across processes (a
+        backends.locking.LockProvider, e.g. a lease in shared storage that several controller replicas use), or
+        None (the default): in-process locks suffice because one process serves this storage (node-local
+        backends; a single-instance controller, see `claim_controller`)."""
+        return None
+
+    def claim_controller(self) -> None:
+        """Called once when a process starts serving the controller service. A backend that must have exactly one
+        controller for its storage takes an exclusive claim here (held until the process exits) and raises
+        FailedPrecondition naming the other holder, so a second controller refuses to start instead of racing."""
+
+    def local_id_for_name(self, kind: Literal["volume", "snapshot"], name: str,
+                          parameters: Mapping[str, str]) -> Optional[str]:
+        """The local ID a create of `name` (a CreateVolume or CreateSnapshot request name) gives, derived without
+        I/O, so the controller can lock that object before it exists (a delete of it must not remove what the
+        create is still writing). None (the default) when the backend cannot say; then only the name is locked."""
+        return None
+
+    def find_by_name(self, name: str, secrets: Mapping[str, str]) -> Optional[Volume]:
+        """The volume a CreateVolume of `name` made in this backend, wherever it could have gone (every pool or
+        group this backend is configured for): one lookup of each deterministic object, no listing. The controller
+        asks every backend before creating, so a retry naming another backend or pool answers ALREADY_EXISTS
+        instead of making a second volume. None when there is none (the default: the backend cannot tell)."""
+        return None
 
     # ---- controller ---------------------------------------------------------------------------------------
     @abc.abstractmethod

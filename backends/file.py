@@ -5,7 +5,10 @@ Layout under `directory`:
     snapshots/<uuid>.img + snapshots/<uuid>.json
 
 The sidecar is the commit point: an image without a sidecar is an unfinished create (a retry rebuilds it) or an
-unfinished delete (a retry removes it); listings and lookups only see objects whose sidecar exists.
+unfinished delete (a retry removes it); listings and lookups only see objects whose sidecar exists. Images are
+written under `<uuid>.img.tmp`, held with a flock by their writer, fsynced and renamed into place
+(`backends.filecopy`), so a failed or crashed create leaves nothing that looks made, and a source deleted while it
+is copied answers NOT_FOUND, never INTERNAL.
 Copies (snapshots, clones) use reflinks where the filesystem supports them, else a sparse full copy.
 """
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pydantic import Field, field_validator
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
                    SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
 from .errors import BackendUnavailable, CapacityExceeded, InUse, InvalidArgument, NotFound, OutOfRange
-from .util import read_json, run, write_json_atomic
+from .filecopy import copy_fd, open_source, remove_temp, staging
+from .util import read_json, write_json_atomic
 
 VOLUME_PREFIX = "vol-"
 SNAPSHOT_PREFIX = "snap-"
@@ -95,6 +99,14 @@ class FileBackend(Backend):
                       context={"path": img}, source=ContentSource(src["kind"], src["local_id"]) if src else None,
                       topology=self._topology(), abnormal=abnormal, condition_message=message)
 
+    def local_id_for_name(self, kind: str, name: str, parameters: Mapping[str, str]) -> Optional[str]:
+        if kind == "volume":
+            return VOLUME_PREFIX + object_uuid(self.runtime.driver_name, name)
+        return SNAPSHOT_PREFIX + object_uuid(self.runtime.driver_name, "snapshot/" + name)
+
+    def find_by_name(self, name: str, secrets: Mapping[str, str]) -> Optional[Volume]:
+        return self._load_volume(VOLUME_PREFIX + object_uuid(self.runtime.driver_name, name))
+
     def create_volume(self, spec: CreateVolumeSpec) -> Volume:
         local_id = VOLUME_PREFIX + object_uuid(self.runtime.driver_name, spec.name)
         existing = self._load_volume(local_id)
@@ -105,25 +117,24 @@ class FileBackend(Backend):
         if spec.size_bytes > st.f_blocks * st.f_frsize:
             raise OutOfRange(f"{spec.size_bytes} bytes is more than the whole filesystem of {self.vol_dir} "
                                    f"({st.f_blocks * st.f_frsize} bytes)")
-        tmp = img + ".tmp"
         if spec.source is None:
-            with open(tmp, "wb") as f:
-                f.truncate(spec.size_bytes)
-                os.fsync(f.fileno())
+            with staging(img) as fd:
+                os.ftruncate(fd, spec.size_bytes)
         else:
-            src_img = self._source_image(spec.source)
-            src_size = os.stat(src_img).st_size
-            if spec.size_bytes < src_size:
-                raise OutOfRange(f"requested {spec.size_bytes} bytes is smaller than the source "
-                                 f"{spec.source.kind} ({src_size} bytes)")
-            if spec.limit_bytes and src_size > spec.limit_bytes:
-                raise OutOfRange(f"the source {spec.source.kind} ({src_size} bytes) exceeds limit_bytes {spec.limit_bytes}")
-            self._copy(src_img, tmp)
-            with open(tmp, "r+b") as f:
-                if spec.size_bytes > src_size:
-                    f.truncate(spec.size_bytes)
-                os.fsync(f.fileno())
-        os.replace(tmp, img)
+            src = self._open_source(spec.source)
+            try:
+                src_size = os.fstat(src).st_size
+                if spec.size_bytes < src_size:
+                    raise OutOfRange(f"requested {spec.size_bytes} bytes is smaller than the source "
+                                     f"{spec.source.kind} ({src_size} bytes)")
+                if spec.limit_bytes and src_size > spec.limit_bytes:
+                    raise OutOfRange(f"the source {spec.source.kind} ({src_size} bytes) exceeds limit_bytes {spec.limit_bytes}")
+                with staging(img) as fd:
+                    copied = copy_fd(src, fd)
+                    if spec.size_bytes > copied:
+                        os.ftruncate(fd, spec.size_bytes)
+            finally:
+                os.close(src)
         source = {"kind": spec.source.kind, "local_id": spec.source.local_id} if spec.source else None
         write_json_atomic(meta, {"name": spec.name, "size": spec.size_bytes, "parameters": spec.parameters,
                                  "source": source, "created": time.time()})
@@ -131,18 +142,16 @@ class FileBackend(Backend):
         assert vol is not None
         return vol
 
-    def _source_image(self, source: ContentSource) -> str:
+    def _open_source(self, source: ContentSource) -> int:
+        """A descriptor of the source's image: once open, a delete of the source cannot disturb the copy."""
         if source.kind == "snapshot":
             img, meta = self._snap_paths(source.local_id)
         else:
             img, meta = self._vol_paths(source.local_id)
-        if not os.path.exists(meta) or not os.path.exists(img):
-            raise NotFound(f"source {source.kind} {self.name}:{source.local_id} does not exist")
-        return img
-
-    @staticmethod
-    def _copy(src: str, dst: str) -> None:
-        run(["cp", "--reflink=auto", "--sparse=always", "--", src, dst], timeout=3600)
+        what = f"source {source.kind} {self.name}:{source.local_id}"
+        if not os.path.exists(meta):
+            raise NotFound(f"{what} does not exist")
+        return open_source(img, what)
 
     def delete_volume(self, local_id: str, secrets: Mapping[str, str]) -> None:
         try:
@@ -154,11 +163,12 @@ class FileBackend(Backend):
             dev = loopdev.find(img)
             if dev:
                 raise InUse(f"volume {self.name}:{local_id} is still attached as {dev} on this node; unstage it first")
-        for path in (meta, img, img + ".tmp"):
+        for path in (meta, img):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        remove_temp(img)
 
     def get_volume(self, local_id: str, secrets: Mapping[str, str]) -> Volume:
         vol = self._load_volume(local_id) if local_id.startswith(VOLUME_PREFIX) else None
@@ -182,9 +192,12 @@ class FileBackend(Backend):
         vol = self.get_volume(local_id, secrets)
         img, _ = self._vol_paths(local_id)
         if vol.capacity_bytes < size_bytes:
-            with open(img, "r+b") as f:
-                f.truncate(size_bytes)
-                os.fsync(f.fileno())
+            try:
+                with open(img, "r+b") as f:
+                    f.truncate(size_bytes)
+                    os.fsync(f.fileno())
+            except FileNotFoundError:
+                raise NotFound(f"volume {self.name}:{local_id} does not exist (its backing file is gone)") from None
         return max(vol.capacity_bytes, size_bytes), True
 
     # ---- snapshots --------------------------------------------------------------------------------------
@@ -205,14 +218,14 @@ class FileBackend(Backend):
         existing = self._load_snapshot(local_id)
         if existing is not None:
             return existing
-        src_img = self._source_image(ContentSource("volume", source_local_id))
         img, meta = self._snap_paths(local_id)
-        tmp = img + ".tmp"
-        self._copy(src_img, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, img)
-        write_json_atomic(meta, {"name": name, "source_volume": source_local_id, "size": os.stat(img).st_size,
+        src = self._open_source(ContentSource("volume", source_local_id))
+        try:
+            with staging(img) as fd:
+                size = copy_fd(src, fd)
+        finally:
+            os.close(src)
+        write_json_atomic(meta, {"name": name, "source_volume": source_local_id, "size": size,
                                  "created": time.time()})
         snap = self._load_snapshot(local_id)
         assert snap is not None
@@ -223,11 +236,12 @@ class FileBackend(Backend):
             img, meta = self._snap_paths(local_id)
         except NotFound:
             return
-        for path in (meta, img, img + ".tmp"):
+        for path in (meta, img):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        remove_temp(img)
 
     def get_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> Snapshot:
         snap = self._load_snapshot(local_id) if local_id.startswith(SNAPSHOT_PREFIX) else None

@@ -41,6 +41,7 @@ from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource,
                    ALL_MODES, Snapshot, Volume, object_uuid)
 from .errors import (BackendUnavailable, FailedPrecondition, InUse, InvalidArgument, NotFound, OutOfRange,
                      TesseraError)
+from . import instance_lock
 from .iscsi_store import SNAPSHOT_PREFIX, VOLUME_PREFIX, FileStore, LvmStore, Obj, Store, now
 from .iscsi_targets import Chap, LioDriver, Portal, TargetDriver, TgtDriver
 
@@ -235,6 +236,27 @@ class IscsiBackend(Backend):
     def _export(self, o: Obj) -> None:
         self.driver.ensure_target(self.iqn(o.local_id), self.store.export_path(o.local_id), o.size, self.portals,
                                   self.options.chap)
+
+    # ---- one controller per target; lookups by name --------------------------------------------------------------
+    def claim_controller(self) -> None:
+        """The target's configuration (LIO in this host's kernel, or one tgtd) has no locking of its own: a second
+        controller on the same target would race target numbers, ACLs and backing stores, so it refuses to start.
+        The lock file sits in the state directory (the host's /var/lib/tessera in the chart), keyed by the target."""
+        ident = f"{self.options.targetDriver}/{self.options.tgtControlPort or ''}/{self.options.iqnPrefix}"
+        key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        instance_lock.claim(os.path.join(self.runtime.state_dir, f"iscsi-controller-{key}.lock"),
+                            f"iSCSI target {self.options.iqnPrefix} ({self.options.targetDriver})",
+                            "the iscsi backend runs exactly one controller beside its target: stop the other "
+                            "controller (or run this one with --mode node) instead of adding replicas")
+
+    def local_id_for_name(self, kind: str, name: str, parameters: Mapping[str, str]) -> Optional[str]:
+        if kind == "volume":
+            return VOLUME_PREFIX + object_uuid(self.runtime.driver_name, name)
+        return SNAPSHOT_PREFIX + object_uuid(self.runtime.driver_name, "snapshot/" + name)
+
+    def find_by_name(self, name: str, secrets: Mapping[str, str]) -> Optional[Volume]:
+        o = self._find(VOLUME_PREFIX + object_uuid(self.runtime.driver_name, name), VOLUME_PREFIX)
+        return self._volume(o) if o is not None else None
 
     # ---- controller -------------------------------------------------------------------------------------------
     def create_volume(self, spec: CreateVolumeSpec) -> Volume:

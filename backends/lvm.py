@@ -195,6 +195,16 @@ class LvmBackend(Backend):
         self.lvm.add_tags(name, [t for t in wanted if t not in lv.tags])
 
     # ---- volumes -----------------------------------------------------------------------------------------
+    def local_id_for_name(self, kind: str, name: str, parameters: Mapping[str, str]) -> Optional[str]:
+        if kind == "volume":
+            return VOLUME_PREFIX + object_uuid(self.runtime.driver_name, name)
+        return SNAPSHOT_PREFIX + object_uuid(self.runtime.driver_name, "snapshot/" + name)
+
+    def find_by_name(self, name: str, secrets: Mapping[str, str]) -> Optional[Volume]:
+        """One `lvs` of the name's LV in this backend's VG (and pool)."""
+        lv = self._find(VOLUME_PREFIX + object_uuid(self.runtime.driver_name, name), "volume", VOLUME_PREFIX)
+        return self._volume(lv) if lv is not None else None
+
     def create_volume(self, spec: CreateVolumeSpec) -> Volume:
         self._check_topology(spec)
         local_id = VOLUME_PREFIX + object_uuid(self.runtime.driver_name, spec.name)

@@ -1,24 +1,30 @@
 """Controller logic, free of gRPC: shared by the CSI Controller service and the FlexVolume provisioner.
 
 Validation that depends on the request (names, sizes, capabilities, topology) happens here, before any backend is
-called; the backend only ever sees a request that makes sense. Every call on a name or a volume holds that key's
-lock (a concurrent second call gets Aborted).
+called; the backend only ever sees a request that makes sense. Every call claims each object it reads or writes in
+the operation lock table (csi/locks.py: the keys and the conflict matrix); a conflicting call gets Aborted at once,
+naming the operation it met. A create first looks for the name's volume in every backend (`find_by_name`), so a
+retry naming another backend or pool answers ALREADY_EXISTS instead of making a second volume.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
 from backends.base import Backend, CapabilitySpec, Capacity, ContentSource, CreateVolumeSpec, Snapshot, Volume
-from backends.errors import (AlreadyExists, Aborted, CapacityExceeded, InvalidArgument, NotFound, OutOfRange,
-                             Unsupported)
+from backends.errors import (AlreadyExists, Aborted, BackendUnavailable, CapacityExceeded, DeadlineExceeded,
+                             InvalidArgument, NotFound, OutOfRange, PermissionDenied, Unsupported)
+from backends.locking import Operation
 
 from . import constants
 from .ids import NodeRef, make_id, parse_id, parse_node_id
-from .locks import KeyedLocks
+from .locks import KeyedLocks, name_key, publish_key, snapshot_key, snapshot_name_key, volume_key
 from .registry import Backends
+
+log = logging.getLogger(__name__)
 
 MAX_NAME = 128
 _TOKEN_PREFIX = "t1."
@@ -78,6 +84,8 @@ class ControllerOps:
     def __init__(self, backends: Backends, locks: Optional[KeyedLocks] = None) -> None:
         self.backends = backends
         self.locks = locks or KeyedLocks()
+        for b in backends:  # this process serves the controller: single-instance backends claim their storage
+            b.claim_controller()
 
     @property
     def node_name(self) -> str:
@@ -118,7 +126,15 @@ class ControllerOps:
         spec = CreateVolumeSpec(name=name, size_bytes=size, limit_bytes=limit_bytes, parameters=params,
                                 secrets=secrets, capabilities=list(capabilities), source=content,
                                 requisite=[dict(t) for t in requisite], preferred=[dict(t) for t in preferred])
-        with self.locks.hold("name/" + name):
+        planned = backend.local_id_for_name("volume", name, params)
+        source_key = ""
+        if content is not None:
+            sid = make_id(backend.name, content.local_id)
+            source_key = snapshot_key(sid) if content.kind == "snapshot" else volume_key(sid)
+        with self.locks.operation(Operation("CreateVolume", name),
+                                  exclusive=[name_key(name), volume_key(make_id(backend.name, planned)) if planned else ""],
+                                  shared=[source_key], provider=backend.operation_lock_provider()):
+            self._refuse_elsewhere(name, backend, params, secrets)
             vol = backend.create_volume(spec)
         if vol.capacity_bytes < required_bytes or (limit_bytes and vol.capacity_bytes > limit_bytes):
             raise AlreadyExists(f"volume {name!r} already exists with {vol.capacity_bytes} bytes, outside the requested "
@@ -128,6 +144,31 @@ class ControllerOps:
         if vol.parameters != params:
             raise AlreadyExists(f"volume {name!r} already exists with different parameters")
         return make_id(backend.name, vol.local_id), vol
+
+    def _refuse_elsewhere(self, name: str, backend: Backend, params: Mapping[str, str],
+                          secrets: Mapping[str, str]) -> None:
+        """AlreadyExists when `name` already has a volume in another backend, or in this one with other parameters
+        (another pool, say): the request's backend is one of the parameters a retry must repeat. A backend that
+        cannot be asked right now is skipped with a warning: one unreachable storage must not stop every create."""
+        for b in self.backends:
+            try:
+                found = b.find_by_name(name, secrets)
+            except (BackendUnavailable, PermissionDenied, DeadlineExceeded) as e:
+                if b is backend:
+                    raise
+                log.warning("could not check backend %s for an existing volume named %r: %s", b.name, name, e)
+                continue
+            if found is None:
+                continue
+            where = make_id(b.name, found.local_id)
+            if b is not backend:
+                raise AlreadyExists(f"volume {name!r} already exists in backend {b.name!r} ({where}); this request "
+                                    f"asks for backend {backend.name!r}")
+            if found.parameters != dict(params):
+                keys = sorted(k for k in set(found.parameters) | set(params)
+                              if found.parameters.get(k) != params.get(k))
+                raise AlreadyExists(f"volume {name!r} already exists as {where} with different parameters "
+                                    f"({', '.join(keys)})")
 
     def _size(self, backend: Backend, required: int, limit: int) -> int:
         unit = backend.allocation_unit()
@@ -172,7 +213,8 @@ class ControllerOps:
             backend = self.backends.for_id(oid.backend, f"volume {volume_id!r}")
         except NotFound:
             return  # cannot exist, so it is deleted
-        with self.locks.hold("volume/" + volume_id):
+        with self.locks.operation(Operation("DeleteVolume", volume_id), exclusive=[volume_key(volume_id)],
+                                  provider=backend.operation_lock_provider()):
             backend.delete_volume(oid.local, secrets)
 
     def get_volume(self, volume_id: str, secrets: Mapping[str, str] = {}) -> tuple[Backend, Volume]:
@@ -209,7 +251,8 @@ class ControllerOps:
         backend = self.backends.for_id(oid.backend, f"volume {volume_id!r}")
         if not backend.features().expand:
             raise Unsupported(f"backend {backend.name!r} does not support expansion")
-        with self.locks.hold("volume/" + volume_id):
+        with self.locks.operation(Operation("ControllerExpandVolume", volume_id), exclusive=[volume_key(volume_id)],
+                                  provider=backend.operation_lock_provider()):
             vol = backend.get_volume(oid.local, secrets)
             size = self._size(backend, max(required_bytes, 1), limit_bytes)
             if vol.capacity_bytes >= size:
@@ -221,7 +264,8 @@ class ControllerOps:
         oid = parse_id(volume_id)
         backend = self.backends.for_id(oid.backend, f"volume {volume_id!r}")
         node = parse_node_id(node_id)
-        with self.locks.hold("volume/" + volume_id):
+        with self.locks.operation(Operation("ControllerPublishVolume", volume_id), exclusive=[publish_key(volume_id)],
+                                  shared=[volume_key(volume_id)], provider=backend.operation_lock_provider()):
             vol = backend.get_volume(oid.local, secrets)
             problem = check_capabilities(backend, [capability])
             if problem:
@@ -242,7 +286,9 @@ class ControllerOps:
         except NotFound:
             return  # a volume that does not exist is not published anywhere
         node = parse_node_id(node_id) if node_id else None
-        with self.locks.hold("volume/" + volume_id):
+        with self.locks.operation(Operation("ControllerUnpublishVolume", volume_id),
+                                  exclusive=[publish_key(volume_id)], shared=[volume_key(volume_id)],
+                                  provider=backend.operation_lock_provider()):
             backend.controller_unpublish(oid.local, node, secrets)
 
     # ---- snapshots ------------------------------------------------------------------------------------
@@ -259,7 +305,12 @@ class ControllerOps:
         if not backend.features().snapshots:
             raise InvalidArgument(f"backend {backend.name!r} does not support snapshots")
         params = {k: v for k, v in parameters.items() if not k.startswith("csi.storage.k8s.io/")}
-        with self.locks.hold("snapshot-name/" + name):
+        planned = backend.local_id_for_name("snapshot", name, params)
+        source_id = make_id(backend.name, oid.local)
+        with self.locks.operation(Operation("CreateSnapshot", name),
+                                  exclusive=[snapshot_name_key(name),
+                                             snapshot_key(make_id(backend.name, planned)) if planned else ""],
+                                  shared=[volume_key(source_id)], provider=backend.operation_lock_provider()):
             snap = backend.create_snapshot(oid.local, name, params, secrets)
         if snap.source_volume_local_id != oid.local:
             raise AlreadyExists(f"snapshot {name!r} already exists for another volume "
@@ -274,7 +325,8 @@ class ControllerOps:
             return
         if not backend.features().snapshots:
             return
-        with self.locks.hold("snapshot/" + snapshot_id):
+        with self.locks.operation(Operation("DeleteSnapshot", snapshot_id), exclusive=[snapshot_key(snapshot_id)],
+                                  provider=backend.operation_lock_provider()):
             backend.delete_snapshot(oid.local, secrets)
 
     def list_snapshots(self, max_entries: int, starting_token: str, snapshot_id: str = "",
