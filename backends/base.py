@@ -34,6 +34,8 @@ SINGLE_NODE_MODES = frozenset({"SINGLE_NODE_WRITER", "SINGLE_NODE_READER_ONLY",
                                "SINGLE_NODE_SINGLE_WRITER", "SINGLE_NODE_MULTI_WRITER"})
 MULTI_NODE_MODES = frozenset({"MULTI_NODE_READER_ONLY", "MULTI_NODE_SINGLE_WRITER", "MULTI_NODE_MULTI_WRITER"})
 ALL_MODES = SINGLE_NODE_MODES | MULTI_NODE_MODES
+READER_ONLY_MODES = frozenset({"SINGLE_NODE_READER_ONLY", "MULTI_NODE_READER_ONLY"})
+MULTI_NODE_WRITER_MODES = frozenset({"MULTI_NODE_SINGLE_WRITER", "MULTI_NODE_MULTI_WRITER"})
 
 _NAME_NAMESPACE = uuid.UUID("5c1f4a8e-6d0b-4b7e-9d7a-2f1c3e8b9a10")
 
@@ -62,6 +64,21 @@ class CapabilitySpec:
     access_mode: str
     fs_type: str = ""
     mount_flags: tuple[str, ...] = ()
+
+
+def mount_writer_problem(cap: "CapabilitySpec") -> Optional[str]:
+    """Why a capability cannot be served safely by any backend here, or None.
+
+    Every filesystem Tessera formats (ext4, xfs) is a single-host filesystem: it caches metadata and replays its
+    journal as if it were alone, so a second node mounting it while one writes (MULTI_NODE_MULTI_WRITER), or even
+    reading beside one writer (MULTI_NODE_SINGLE_WRITER: the readers' caches go stale and their journal replay
+    fights the writer), corrupts it or shows garbage. Multi-node writer modes are therefore raw block only, where
+    the application coordinates its writers."""
+    if cap.access_type == "mount" and cap.access_mode in MULTI_NODE_WRITER_MODES:
+        return (f"access mode {cap.access_mode} is available for raw block volumes only: a mounted "
+                f"{cap.fs_type or 'ext4/xfs'} filesystem is a single-host filesystem, and a second node writing or "
+                "reading beside a writer corrupts it; use a block volume or MULTI_NODE_READER_ONLY")
+    return None
 
 
 @dataclass
@@ -281,9 +298,19 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],
-                    secrets: Mapping[str, str]) -> Attachment:
+                    secrets: Mapping[str, str], *, readonly: bool = False,
+                    multi_writer: bool = False) -> Attachment:
         """Make the volume's block device present on this node. Idempotent: attaching an attached volume returns
-        the same device."""
+        the same device.
+
+        `readonly` (a reader-only access mode): attach read-only *at the device* (krbd/rbd-nbd --read-only, a
+        write-protected LUN, losetup -r, a read-only dm table), so neither a journal replay nor a stray write can
+        change the volume. `multi_writer` (MULTI_NODE_MULTI_WRITER, raw block): other nodes may write at the same
+        time. Otherwise a read-write attach while the backend can see another node holding the volume read-write
+        (RBD watchers, ...) raises FailedPrecondition naming the holder.
+
+        Every field taken from `context` (which a static PV supplies) is checked against the storage's naming
+        rules and the backend's configuration before use: InvalidArgument otherwise."""
 
     @abc.abstractmethod
     def node_detach(self, local_id: str, attachment: Attachment) -> None:

@@ -27,7 +27,8 @@ class ControllerService(rpc.ControllerServicer):
         return any(getattr(f, attr) for f in self._features())
 
     def ControllerGetCapabilities(self, request, context):
-        types = [_Cap.CREATE_DELETE_VOLUME, _Cap.GET_VOLUME, _Cap.VOLUME_CONDITION, _Cap.PUBLISH_READONLY]
+        types = [_Cap.CREATE_DELETE_VOLUME, _Cap.GET_VOLUME, _Cap.VOLUME_CONDITION, _Cap.PUBLISH_READONLY,
+                 _Cap.SINGLE_NODE_MULTI_WRITER]  # SINGLE_NODE_{SINGLE,MULTI}_WRITER are served by every backend
         if self._has("list_volumes"):
             types.append(_Cap.LIST_VOLUMES)
         if self._has("capacity"):

@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
-from backends.base import Backend, CapabilitySpec, Capacity, ContentSource, CreateVolumeSpec, Snapshot, Volume
+from backends.base import (Backend, CapabilitySpec, Capacity, ContentSource, CreateVolumeSpec, Snapshot, Volume,
+                           mount_writer_problem)
 from backends.errors import (AlreadyExists, Aborted, BackendUnavailable, CapacityExceeded, DeadlineExceeded,
                              InvalidArgument, NotFound, OutOfRange, PermissionDenied, Unsupported)
 from backends.locking import Operation
@@ -40,6 +41,9 @@ def check_capabilities(backend: Backend, caps: Sequence[CapabilitySpec]) -> Opti
     """None when the backend supports every capability, else the reason (a sentence for the user)."""
     f = backend.features()
     for c in caps:
+        problem = mount_writer_problem(c)  # first: no backend can change it
+        if problem:
+            return problem
         if c.access_mode not in f.access_modes:
             return f"access mode {c.access_mode} is not supported by backend {backend.name!r} " \
                    f"(supported: {', '.join(sorted(f.access_modes))})"

@@ -23,7 +23,8 @@ class NodeService(rpc.NodeServicer):
         self.ops = ops
 
     def NodeGetCapabilities(self, request, context):
-        types = [_Cap.STAGE_UNSTAGE_VOLUME, _Cap.GET_VOLUME_STATS, _Cap.EXPAND_VOLUME, _Cap.VOLUME_CONDITION]
+        types = [_Cap.STAGE_UNSTAGE_VOLUME, _Cap.GET_VOLUME_STATS, _Cap.EXPAND_VOLUME, _Cap.VOLUME_CONDITION,
+                 _Cap.SINGLE_NODE_MULTI_WRITER]  # publish enforces SINGLE_NODE_SINGLE_WRITER's one target
         return pb.NodeGetCapabilitiesResponse(capabilities=[
             pb.NodeServiceCapability(rpc=pb.NodeServiceCapability.RPC(type=t)) for t in types])
 

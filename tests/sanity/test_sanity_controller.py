@@ -243,16 +243,23 @@ class TestValidateVolumeCapabilities:
         assert list(resp.confirmed.volume_capabilities) == list(req.volume_capabilities)
         assert ctl(plugin).ValidateVolumeCapabilities(req, timeout=60) == resp
 
-    def test_unsupported_mode_not_confirmed(self, plugin, ledger):
-        """A mode the plugin cannot serve: not confirmed, with a message (never an error, never confirmed)."""
+    def test_multi_node_writer_mount_not_confirmed(self, plugin, ledger):
+        """ext4 and xfs are single-host filesystems: several nodes mounting one read-write corrupt it, so a
+        MULTI_NODE_MULTI_WRITER (or _SINGLE_WRITER) *mount* capability is never confirmed, with a message."""
         plugin.require("CREATE_DELETE_VOLUME")
         vol = ledger.create_volume(plugin.create_request())
-        req = pb.ValidateVolumeCapabilitiesRequest(volume_id=vol.volume_id,
-                                                   volume_capabilities=[mount_cap(mode="MULTI_NODE_MULTI_WRITER")])
-        resp = ctl(plugin).ValidateVolumeCapabilities(req, timeout=60)
-        if resp.HasField("confirmed"):
-            pytest.skip("not applicable: the plugin supports MULTI_NODE_MULTI_WRITER mounts")
-        assert resp.message
+        for mode in ("MULTI_NODE_MULTI_WRITER", "MULTI_NODE_SINGLE_WRITER"):
+            req = pb.ValidateVolumeCapabilitiesRequest(volume_id=vol.volume_id, volume_capabilities=[mount_cap(mode=mode)])
+            resp = ctl(plugin).ValidateVolumeCapabilities(req, timeout=60)
+            assert not resp.HasField("confirmed"), f"{mode} mount confirmed on a single-host filesystem"
+            assert resp.message
+
+    def test_multi_node_writer_mount_refused_at_create(self, plugin, ledger):
+        """CreateVolume asking for a multi-node writer mount: INVALID_ARGUMENT (the capability cannot be served)."""
+        plugin.require("CREATE_DELETE_VOLUME")
+        req = plugin.create_request(cap=mount_cap(mode="MULTI_NODE_MULTI_WRITER"))
+        err = expect_code(ctl(plugin).CreateVolume, req, C.INVALID_ARGUMENT)
+        assert "block" in err.details(), err.details()
 
 
 # ---- ListVolumes -----------------------------------------------------------------------------------------------
