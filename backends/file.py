@@ -258,12 +258,16 @@ class FileBackend(Backend):
 
     # ---- node -------------------------------------------------------------------------------------------
     def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],
-                    secrets: Mapping[str, str]) -> Attachment:
+                    secrets: Mapping[str, str], *, readonly: bool = False,
+                    multi_writer: bool = False) -> Attachment:
+        # the volume context is not read: the path comes from the volume ID under this backend's directory, so a
+        # static PV cannot point the node at any other file
         from csi import loopdev
         img, meta = self._vol_paths(local_id)
         if not os.path.exists(meta) or not os.path.exists(img):
             raise NotFound(f"volume {self.name}:{local_id} does not exist on this node ({img})")
-        return Attachment(device=loopdev.attach(img, direct_io=self.options.directIO), data={"path": img})
+        return Attachment(device=loopdev.attach(img, direct_io=self.options.directIO, read_only=readonly),
+                          data={"path": img, "readonly": readonly})
 
     def node_detach(self, local_id: str, attachment: Attachment) -> None:
         from csi import loopdev

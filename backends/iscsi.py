@@ -33,20 +33,24 @@ import secrets as _secrets
 import string
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Optional
 
 from pydantic import Field, field_validator, model_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
-                   ALL_MODES, Snapshot, Volume, object_uuid)
-from .errors import (BackendUnavailable, FailedPrecondition, InUse, InvalidArgument, NotFound, OutOfRange,
-                     TesseraError)
+                   ALL_MODES, SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
+from .errors import (AlreadyExists, BackendUnavailable, FailedPrecondition, InUse, InvalidArgument, NotFound,
+                     OutOfRange, TesseraError)
 from . import instance_lock
 from .iscsi_store import SNAPSHOT_PREFIX, VOLUME_PREFIX, FileStore, LvmStore, Obj, Store, now
 from .iscsi_targets import Chap, LioDriver, Portal, TargetDriver, TgtDriver
 
 log = logging.getLogger(__name__)
 
+MAX_LUN = 16383  # SAM's flat addressing: 14 bits
+_HOST_RE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+                      r"|[0-9A-Fa-f:.]+)$")
 _IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?|eui\.[0-9A-Fa-f]{16})$")
 
 
@@ -414,10 +418,13 @@ class IscsiBackend(Backend):
                            "run the node plugin with the iscsi backend configured (it adds ?iqn=... to the node ID)")
         if not _IQN_RE.match(initiator):
             raise InvalidArgument(f"node {node.name}: {initiator!r} is not an iSCSI initiator name")
+        self._check_publish(o, node.name, initiator, readonly, capability)
         self._export(o)  # re-creates the export after a tgtd restart / target host reboot
         chap = self.chap_for(local_id) if self.options.chap else None
-        self.driver.add_acl(self.iqn(local_id), initiator, chap)
-        pc = {"lun": str(self.lun)}
+        lun = self.driver.add_acl(self.iqn(local_id), initiator, chap, readonly=readonly)
+        pc = {"lun": str(lun)}
+        if readonly:
+            pc["readonly"] = "true"
         if chap is not None:
             pc.update({"chapUser": chap.user, "chapPassword": chap.password})
         return pc
@@ -429,6 +436,50 @@ class IscsiBackend(Backend):
         if node is not None and not initiator:
             return  # such a node can never have been granted access
         self.driver.remove_acl(self.iqn(local_id), initiator)
+        # the record goes after the ACL: a crash in between leaves a record the retried unpublish removes
+        o = self._find(local_id, VOLUME_PREFIX)
+        if o is not None:
+            drop = {k: None for k in _publications(o.meta) if initiator is None or k == _pub_key(initiator)}
+            if drop:
+                self.store.update_meta(local_id, drop)
+
+    def _check_publish(self, o: Obj, node_name: str, initiator: str, readonly: bool, capability: Any) -> None:
+        """Refuse what the spec and the data refuse, then record this publication on the volume (in the storage,
+        before the ACL exists, so a crash leaves a record the retry finds compatible):
+        - the same node again with another readonly flag or capability: ALREADY_EXISTS (spec);
+        - a single-node access mode while another node holds it, or another node holding it in a single-node
+          mode: FAILED_PRECONDITION (spec: "published at another node and does not have MULTI_NODE capability");
+        - a read-write publish while another node holds it read-write, unless both are MULTI_NODE_MULTI_WRITER:
+          FAILED_PRECONDITION naming the holder (and whether it is logged in now)."""
+        mode, atype = capability.access_mode, capability.access_type
+        mine = _pub_key(initiator)
+        want = Publication("ro" if readonly else "rw", mode, atype, node_name, initiator)
+        others: list[Publication] = []
+        for key, raw in _publications(o.meta).items():
+            pub = Publication.parse(raw)
+            if key == mine:
+                if (pub.access, pub.mode, pub.access_type) != (want.access, want.mode, want.access_type):
+                    raise AlreadyExists(f"volume {self.name}:{o.local_id} is already published to node {node_name} "
+                                        f"as {pub.describe()}; this request asks {want.describe()} (unpublish first)")
+            else:
+                others.append(pub)
+        if others:
+            st = self.driver.state(self.iqn(o.local_id))
+            live = set(st.sessions) if st else set()
+
+            def holder(p: Publication) -> str:
+                return f"node {p.node} (initiator {p.initiator}{', logged in now' if p.initiator in live else ''})"
+            for p in others:
+                if mode in SINGLE_NODE_MODES or p.mode in SINGLE_NODE_MODES:
+                    raise FailedPrecondition(f"volume {self.name}:{o.local_id} is published to {holder(p)} as "
+                                             f"{p.describe()}; a single-node access mode allows one node only: "
+                                             "unpublish it there first")
+                if p.access == "rw" and not readonly and not (
+                        mode == "MULTI_NODE_MULTI_WRITER" and p.mode == "MULTI_NODE_MULTI_WRITER"):
+                    raise FailedPrecondition(f"volume {self.name}:{o.local_id} is held read-write by {holder(p)}; "
+                                             f"{mode} allows one writer: unpublish it there first")
+        if o.meta.get(mine) != want.encode():
+            self.store.update_meta(o.local_id, {mine: want.encode()})
 
     def node_attributes_for_name(self, node_name: str) -> dict[str, str]:
         """What a FlexVolume attach publishes to: kube-controller-manager calls it with the node name alone (no node
@@ -482,13 +533,49 @@ class IscsiBackend(Backend):
     def _properties(self, local_id: str, context: Mapping[str, str], lun: int) -> dict[str, Any]:
         portals = [p for p in context.get("targetPortals", "").split(",") if p] or [str(p) for p in self.portals]
         iqn = context.get("targetIqn") or self.iqn(local_id)
+        self._check_target(local_id, iqn, portals)
         return {"target_portal": portals[0], "target_iqn": iqn, "target_lun": lun,
                 "target_portals": portals, "target_iqns": [iqn] * len(portals), "target_luns": [lun] * len(portals),
                 "volume_id": local_id, "discard": True}
 
+    def _check_target(self, local_id: str, iqn: str, portals: list[str]) -> None:
+        """What a node logs in to comes from the volume context, which a static PV writes: the IQN must be an IQN
+        under this backend's prefix, and every portal host:port one this backend is configured with, so a PV can
+        neither reach another target nor make the node log in to (and mount a disk from) an arbitrary host."""
+        if not _IQN_RE.match(iqn) or len(iqn.encode()) > 223:
+            raise InvalidArgument(f"volume {self.name}:{local_id}: targetIqn {iqn!r} is not an iSCSI name "
+                                  "(iqn.YYYY-MM.reverse.domain:name, at most 223 bytes)")
+        if not iqn.startswith(self.options.iqnPrefix + ":"):
+            raise InvalidArgument(f"volume {self.name}:{local_id}: targetIqn {iqn!r} is not under this backend's "
+                                  f"iqnPrefix {self.options.iqnPrefix!r}")
+        known = {(p.host, p.port) for p in self.portals}
+        for text in portals:
+            try:
+                portal = parse_portal(text)
+            except ValueError as e:
+                raise InvalidArgument(f"volume {self.name}:{local_id}: targetPortals: {e}") from None
+            if not 0 < portal.port < 65536 or not _HOST_RE.match(portal.host):
+                raise InvalidArgument(f"volume {self.name}:{local_id}: portal {text!r} is not host:port")
+            if (portal.host, portal.port) not in known:
+                raise InvalidArgument(f"volume {self.name}:{local_id}: portal {text!r} is not one of backend "
+                                      f"{self.name!r}'s portals ({', '.join(str(p) for p in self.portals)})")
+
+    @staticmethod
+    def _lun(local_id: str, raw: str) -> int:
+        if not raw.isdigit() or int(raw) > MAX_LUN:
+            raise InvalidArgument(f"volume {local_id}: LUN {raw!r} is not a number in 0-{MAX_LUN}")
+        return int(raw)
+
     def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],
-                    secrets: Mapping[str, str]) -> Attachment:
-        lun = int(publish_context.get("lun") or context.get("lun") or self.lun)
+                    secrets: Mapping[str, str], *, readonly: bool = False,
+                    multi_writer: bool = False) -> Attachment:
+        """Log in and return the SCSI disk. `readonly`: the controller mapped the LUN write-protected for this
+        initiator (LIO) or gave a read-only LU (tgt); the disk is also set read-only here (BLKROSET), so nothing on
+        this node writes even where the target would let it. Other writers are the controller's concern: it sees
+        the sessions and refuses a second read-write publish."""
+        lun = self._lun(local_id, str(publish_context.get("lun") or context.get("lun") or self.lun))
+        # published read-only (a PV with readOnly: true): the LUN refuses writes, so the stage is read-only too
+        readonly = readonly or publish_context.get("readonly") == "true"
         props = self._properties(local_id, context, lun)
         auth = dict(props)
         if publish_context.get("chapUser"):
@@ -503,8 +590,11 @@ class IscsiBackend(Backend):
             raise BackendUnavailable(f"iSCSI login to {props['target_iqn']} failed: {type(e).__name__}: "
                                      f"{_scrub(str(e), auth)}") from None
         log.info("iscsi attach %s: %s in %.2fs", local_id, info.get("path"), time.monotonic() - t0)
+        if readonly:
+            from .iscsi_node import set_read_only
+            set_read_only(info["path"])
         # the stage record keeps what detach needs; no credentials (logout needs none)
-        return Attachment(device=info["path"], data={"properties": props, "device_info": {
+        return Attachment(device=info["path"], data={"properties": props, "readonly": readonly, "device_info": {
             k: v for k, v in info.items() if isinstance(v, (str, int, bool))}})
 
     def node_detach(self, local_id: str, attachment: Attachment) -> None:
@@ -531,6 +621,40 @@ class IscsiBackend(Backend):
             self._os_brick().extend_volume(props)
         except Exception as e:
             raise BackendUnavailable(f"iSCSI rescan of {props.get('target_iqn')} failed: {type(e).__name__}: {e}") from None
+
+
+_PUB_PREFIX = "pub."
+
+
+def _pub_key(initiator: str) -> str:
+    """The metadata key of one initiator's publication (hashed: IQNs are long and carry ':')."""
+    return _PUB_PREFIX + hashlib.sha256(initiator.encode()).hexdigest()[:16]
+
+
+def _publications(meta: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in meta.items() if k.startswith(_PUB_PREFIX)}
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One ControllerPublishVolume in force, as stored on the volume: `rw|ro/MODE/TYPE/node/initiator`."""
+    access: str
+    mode: str
+    access_type: str
+    node: str
+    initiator: str
+
+    def encode(self) -> str:
+        return "/".join((self.access, self.mode, self.access_type, self.node, self.initiator))
+
+    @classmethod
+    def parse(cls, raw: str) -> "Publication":
+        parts = raw.split("/", 4)
+        parts += [""] * (5 - len(parts))
+        return cls(*parts)
+
+    def describe(self) -> str:
+        return f"{'read-only' if self.access == 'ro' else 'read-write'} {self.access_type} {self.mode}"
 
 
 def _scrub(text: str, props: Mapping[str, Any]) -> str:

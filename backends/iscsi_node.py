@@ -55,3 +55,11 @@ def execute(*cmd: str, **kwargs: Any) -> tuple[str, str]:
             time.sleep(min(0.2 * (2 ** attempt), 2.0))
     raise ProcessExecutionError(stdout=proc.stdout, stderr=proc.stderr, exit_code=proc.returncode,
                                 cmd=" ".join(argv))
+
+
+def set_read_only(device: str) -> None:
+    """Mark a block device read-only in the kernel (BLKROSET): every later open for writing fails, whatever the
+    target allows. The flag lives as long as the device: a logout removes it with the disk."""
+    from .util import run
+
+    run(["blockdev", "--setro", device], timeout=30)

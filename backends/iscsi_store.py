@@ -53,6 +53,10 @@ class Store(abc.ABC):
     def delete(self, local_id: str) -> None: ...
 
     @abc.abstractmethod
+    def update_meta(self, local_id: str, changes: dict[str, Optional[str]]) -> None:
+        """Set (value) or drop (None) metadata fields of an existing object, in the storage itself."""
+
+    @abc.abstractmethod
     def resize(self, local_id: str, size: int) -> int: ...
 
     @abc.abstractmethod
@@ -129,6 +133,19 @@ class FileStore(Store):
             raise NotFound(f"volume {source} does not exist")
         return self.create(local_id, src.size, meta, source=source)
 
+    def update_meta(self, local_id: str, changes: dict[str, Optional[str]]) -> None:
+        img, side = self._paths(local_id)
+        try:
+            m = read_json(side)
+        except FileNotFoundError:
+            raise NotFound(f"volume {local_id} does not exist") from None
+        for k, v in changes.items():
+            if v is None:
+                m.pop(k, None)
+            else:
+                m[k] = v
+        write_json_atomic(side, m)
+
     def delete(self, local_id: str) -> None:
         img, side = self._paths(local_id)
         for p in (side, img, img + ".tmp"):
@@ -191,7 +208,7 @@ class LvmStore(Store):
     def create(self, local_id: str, size: int, meta: dict[str, str], source: Optional[str] = None) -> Obj:
         old = self.lvm.find(local_id)
         if old is not None:  # a pending leftover of a crashed create: start again
-            self.lvm.remove(local_id)
+            self.lvm.remove(local_id, wipe=not self.thin)
         pending = self._tags({"state": "pending"})
         if source is None:
             self.lvm.create(local_id, size, tags=self._tags(meta))
@@ -210,7 +227,7 @@ class LvmStore(Store):
             try:
                 self.lvm.copy(tmp, local_id, src.size)
             finally:
-                self.lvm.remove(tmp)
+                self.lvm.remove_cow_snapshot(tmp)  # its COW area holds the source's old blocks: zeroed too
             self.lvm.del_tags(local_id, pending)
         o = self.find(local_id)
         assert o is not None
@@ -226,8 +243,19 @@ class LvmStore(Store):
         assert o is not None
         return o
 
+    def update_meta(self, local_id: str, changes: dict[str, Optional[str]]) -> None:
+        lv = self.lvm.find(local_id)
+        if lv is None:
+            raise NotFound(f"volume {local_id} does not exist")
+        have = lv.fields(self.NS)
+        drop = [k for k, v in changes.items() if k in have and have[k] != v]
+        self.lvm.del_tags(local_id, self._tags({k: have[k] for k in drop}))
+        self.lvm.add_tags(local_id, self._tags({k: v for k, v in changes.items() if v is not None and have.get(k) != v}))
+
     def delete(self, local_id: str) -> None:
-        self.lvm.remove(local_id)
+        # thick: zeroed before the extents go back to the VG, so the next volume never reads this one's bytes
+        # (thin: the pool hands out zeroed blocks)
+        self.lvm.remove(local_id, wipe=not self.thin)
 
     def resize(self, local_id: str, size: int) -> int:
         return self.lvm.resize(local_id, size).size

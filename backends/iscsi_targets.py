@@ -72,8 +72,9 @@ class TargetDriver(abc.ABC):
         """IQNs of exported targets starting with `prefix`."""
 
     @abc.abstractmethod
-    def add_acl(self, iqn: str, initiator: str, chap: Optional[Chap]) -> None:
-        """Let `initiator` log in to `iqn` (with `chap` when given)."""
+    def add_acl(self, iqn: str, initiator: str, chap: Optional[Chap], readonly: bool = False) -> int:
+        """Let `initiator` log in to `iqn` (with `chap` when given); `readonly`: the LUN it is given refuses
+        writes. Returns that LUN."""
 
     @abc.abstractmethod
     def remove_acl(self, iqn: str, initiator: Optional[str]) -> None:
@@ -98,6 +99,7 @@ class TgtDriver(TargetDriver):
     per volume)."""
 
     lun = 1  # LUN 0 is tgt's controller LU
+    ro_lun = 2  # the same backing store with tgt's readonly flag, for read-only publishes
 
     def __init__(self, control_port: Optional[int] = None, timeout: float = 60.0) -> None:
         self.control_port = control_port
@@ -213,12 +215,24 @@ class TgtDriver(TargetDriver):
         if user in self._accounts():
             self._adm("--mode", "account", "--op", "delete", "--user", user)
 
-    def add_acl(self, iqn: str, initiator: str, chap: Optional[Chap]) -> None:
+    def add_acl(self, iqn: str, initiator: str, chap: Optional[Chap], readonly: bool = False) -> int:
+        """tgt's ACLs are per target, not per LUN: a read-only publish is given a second LU over the same backing
+        store with tgt's `readonly` flag (writes to it fail at the target). The initiator could still address
+        the writable LUN with its own tools; LIO, which masks LUNs per initiator, enforces it completely."""
         tid = self._tid(iqn)
         if tid is None:
             raise NotFound(f"target {iqn} is not exported")
         st = self.state(iqn)
         assert st is not None
+        lun = self.lun
+        if readonly:
+            lun = self.ro_lun
+            with self._lock:
+                if self.ro_lun not in self._luns(tid):
+                    self._adm("--mode", "logicalunit", "--op", "new", "--tid", str(tid), "--lun", str(self.ro_lun),
+                              "--backing-store", st.backing)
+                self._adm("--mode", "logicalunit", "--op", "update", "--tid", str(tid), "--lun", str(self.ro_lun),
+                          "--params", "readonly=1")
         if chap is not None:
             # tgt accounts are global and bound to targets; the password cannot be read back, so (re)create it:
             # the backend derives the same credentials on every publish, so this is a no-op in effect.
@@ -227,6 +241,20 @@ class TgtDriver(TargetDriver):
             self._adm("--mode", "account", "--op", "bind", "--tid", str(tid), "--user", chap.user)
         if initiator not in st.acls:
             self._adm("--mode", "target", "--op", "bind", "--tid", str(tid), "--initiator-name", initiator)
+        return lun
+
+    def _luns(self, tid: int) -> list[int]:
+        """LUN numbers of target `tid`."""
+        out = self._adm("--mode", "target", "--op", "show").stdout.splitlines()
+        luns: list[int] = []
+        cur = None
+        for raw in out:
+            m = _TARGET_RE.match(raw)
+            if m:
+                cur = int(m.group(1))
+            elif cur == tid and raw.strip().startswith("LUN:"):
+                luns.append(int(raw.split(":", 1)[1]))
+        return luns
 
     def remove_acl(self, iqn: str, initiator: Optional[str]) -> None:
         st = self.state(iqn)
@@ -243,9 +271,13 @@ class TgtDriver(TargetDriver):
             tid = self._tid(iqn)
             if tid is None:
                 return
-            self._adm("--mode", "logicalunit", "--op", "delete", "--tid", str(tid), "--lun", str(self.lun))
-            self._adm("--mode", "logicalunit", "--op", "new", "--tid", str(tid), "--lun", str(self.lun),
-                      "--backing-store", backing)
+            for lun in [n for n in self._luns(tid) if n in (self.lun, self.ro_lun)]:
+                self._adm("--mode", "logicalunit", "--op", "delete", "--tid", str(tid), "--lun", str(lun))
+                self._adm("--mode", "logicalunit", "--op", "new", "--tid", str(tid), "--lun", str(lun),
+                          "--backing-store", backing)
+                if lun == self.ro_lun:
+                    self._adm("--mode", "logicalunit", "--op", "update", "--tid", str(tid), "--lun", str(lun),
+                              "--params", "readonly=1")
 
 
 def _tgt_user_for(iqn: str) -> str:
@@ -363,7 +395,9 @@ class LioDriver(TargetDriver):
     def list_targets(self, prefix: str) -> list[str]:
         return sorted(t.wwn for t in self._fabric().targets if t.wwn.startswith(prefix))
 
-    def add_acl(self, iqn: str, initiator: str, chap: Optional[Chap]) -> None:
+    def add_acl(self, iqn: str, initiator: str, chap: Optional[Chap], readonly: bool = False) -> int:
+        """LIO maps LUNs per initiator: a read-only publish maps the LUN write-protected for that initiator alone
+        (its SCSI disk reports write protect; WRITEs fail at the target), others keep theirs."""
         rts = self._rts()
         tpg = self._tpg(iqn)
         if tpg is None:
@@ -372,9 +406,13 @@ class LioDriver(TargetDriver):
         if chap is not None:
             acl.chap_userid = chap.user
             acl.chap_password = chap.password
+        for m in list(acl.mapped_luns):
+            if m.mapped_lun == self.lun and bool(m.write_protect) != readonly:
+                m.delete()  # published before with the other setting (the backend refuses that while in use)
         if not any(m.mapped_lun == self.lun for m in acl.mapped_luns):
             lun = next(lun for lun in tpg.luns if lun.lun == self.lun)
-            rts.MappedLUN(acl, self.lun, tpg_lun=lun, write_protect=False)
+            rts.MappedLUN(acl, self.lun, tpg_lun=lun, write_protect=readonly)
+        return self.lun
 
     def remove_acl(self, iqn: str, initiator: Optional[str]) -> None:
         tpg = self._tpg(iqn)

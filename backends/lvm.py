@@ -212,7 +212,7 @@ class LvmBackend(Backend):
         if existing is not None:
             if existing.fields(NS).get("state") != "pending":
                 return self._volume(existing)
-            self.lvm.remove(local_id)  # an earlier attempt crashed half-way: start over
+            self.lvm.remove(local_id, wipe=not self.thin)  # an earlier attempt crashed half-way: start over
         fields = {"kind": "volume", "name": spec.name}
         fields.update({f"p.{k}": v for k, v in spec.parameters.items()})
         if spec.source is not None:
@@ -253,8 +253,7 @@ class LvmBackend(Backend):
         the source is mounted and written meanwhile."""
         self.lvm.create(dest, size, tags + [PENDING_TAG], thin=False)
         temp = TEMP_PREFIX + object_uuid(self.runtime.driver_name, "copy/" + dest)
-        if self.lvm.find(temp) is not None:
-            self.lvm.remove(temp)
+        self.lvm.remove_cow_snapshot(temp)  # a leftover of a crashed copy
         extent = self.allocation_unit()
         cow = self.lvm.round_up(min(src.size, max(64 << 20, src.size // 5)), extent)
         self.lvm.activate(src.name)
@@ -262,12 +261,14 @@ class LvmBackend(Backend):
         try:
             self.lvm.copy(temp, dest, src.size)
         finally:
-            self.lvm.remove(temp)
+            self.lvm.remove_cow_snapshot(temp)
 
     def delete_volume(self, local_id: str, secrets: Mapping[str, str]) -> None:
         lv = self._find(local_id, "volume", VOLUME_PREFIX)
         if lv is not None:
-            self.lvm.remove(local_id)
+            # thick: zero before the extents return to the VG, so no later volume shows this one's bytes (thin
+            # LVs get fresh blocks, which the pool zeroes on first write)
+            self.lvm.remove(local_id, wipe=not self.thin)
 
     def get_volume(self, local_id: str, secrets: Mapping[str, str]) -> Volume:
         lv = self._find(local_id, "volume", VOLUME_PREFIX)
@@ -339,14 +340,27 @@ class LvmBackend(Backend):
 
     # ---- node -------------------------------------------------------------------------------------------
     def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],
-                    secrets: Mapping[str, str]) -> Attachment:
+                    secrets: Mapping[str, str], *, readonly: bool = False,
+                    multi_writer: bool = False) -> Attachment:
+        # A static PV names VG and LV in its context: both must follow LVM's naming rules, the VG must be this
+        # backend's and the LV one of its tagged volumes (the LV comes from the volume ID, never from the context
+        # alone), so a PV cannot reach any other LV on the node.
         vg = context.get("volumeGroup", self.lvm.vg)
+        validate_name(vg, "VG")
         if vg != self.lvm.vg:
             raise FailedPrecondition(f"volume {self.name}:{local_id} is in volume group {vg!r}, but this node's "
                                      f"backend {self.name!r} uses {self.lvm.vg!r}")
+        lv_name = context.get("logicalVolume", local_id)
+        validate_name(lv_name, "LV")
+        if lv_name != local_id:
+            raise InvalidArgument(f"volume context names LV {lv_name!r}, but volume {self.name}:{local_id} is LV "
+                                  f"{local_id!r}")
         lv = self._find(local_id, "volume", VOLUME_PREFIX)
         if lv is None:
             raise NotFound(f"volume {self.name}:{local_id} does not exist on node {self.runtime.node_name!r}")
+        # a reader-only attach gets a read-only LV (the dm table refuses writes: no journal replay, no mkfs); a
+        # writer's attach turns it back
+        self.lvm.set_permission(local_id, not readonly)
         if not lv.active:
             self.lvm.activate(local_id)
         path = self.lvm.device_path(local_id)

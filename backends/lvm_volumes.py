@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
 from .errors import (BackendUnavailable, CapacityExceeded, FailedPrecondition, InUse, Internal, InvalidArgument,
-                     NotFound)
+                     NotFound, TesseraError)
 from .util import CommandError, run
 
 # LVM's own name rules (lvm(8) "VALID NAMES"), plus a length cap that keeps /dev/mapper names short.
@@ -119,6 +119,11 @@ class LvInfo:
     @property
     def active(self) -> bool:
         return len(self.attr) > 4 and self.attr[4] == "a"
+
+    @property
+    def writable(self) -> bool:
+        """The LV's permission allows writes (lv_attr's second letter 'w'; 'r'/'R' read-only)."""
+        return len(self.attr) > 1 and self.attr[1] == "w"
 
     @property
     def open(self) -> bool:
@@ -324,15 +329,67 @@ class LvmVolumes:
     def deactivate(self, name: str) -> None:
         self._run(["lvchange", "--activate", "n", self.lv_ref(name)], f"deactivate {self.vg}/{name}")
 
-    def remove(self, name: str) -> bool:
-        """Remove; False when it did not exist. InUse when it is open."""
+    def set_permission(self, name: str, writable: bool) -> None:
+        """Make the LV read-only or read-write in its metadata (`lvchange --permission`); an active LV's table is
+        reloaded, so a read-only LV refuses writes at the device whoever opens it, and keeps refusing after a
+        resize (a `blockdev --setro` flag would be dropped by the next table reload)."""
+        lv = self._must(name)
+        if lv.writable != writable:
+            self._run(["lvchange", "--permission", "rw" if writable else "r", self.lv_ref(name)],
+                      f"make {self.vg}/{name} {'read-write' if writable else 'read-only'}")
+
+    def wipe(self, name: str) -> None:
+        """Zero the whole LV before its extents go back to the VG, so the next LV on them reads zeros.
+
+        `blkdiscard --zeroout` asks the device to zero (WRITE ZEROES: a discard-capable SSD, a thin or loop device
+        does a 10 GiB LV in well under a second, without writing data); where the device cannot, the kernel writes
+        zero pages itself, which is correct but runs at disk speed. dd is the last resort for a util-linux without
+        --zeroout. The timeout grows with the size (50 MiB/s at worst)."""
+        lv = self._must(name)
+        if not lv.writable:
+            self.set_permission(name, True)
+        path = self.activate(name)
+        timeout = max(self.timeout, lv.size / (50 << 20))
+        try:
+            run(["blkdiscard", "--zeroout", path], timeout=timeout)
+            return
+        except CommandError:
+            pass
+        proc = run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", "oflag=direct", "conv=fsync,notrunc", "status=none"],
+                   timeout=timeout, check=False)
+        if proc.returncode != 0 and "No space left" not in proc.stderr:  # the end of the LV stops dd: expected
+            raise Internal(f"zeroing {self.vg}/{name} before removal failed: {proc.stderr.strip()[-200:]}")
+
+    def remove(self, name: str, *, wipe: bool = False) -> bool:
+        """Remove; False when it did not exist. InUse when it is open. `wipe`: zero it first (thick LVs: their
+        extents hold the bytes until another LV gets them; a crash in between leaves the LV, and the retried
+        delete zeroes it again)."""
         lv = self.find(name)
         if lv is None:
             return False
         if lv.open:
             raise InUse(f"logical volume {self.vg}/{name} is open (mounted or attached); unmount it first")
+        if wipe:
+            self.wipe(name)
+            if self._must(name).open:
+                raise InUse(f"logical volume {self.vg}/{name} is open (mounted or attached); unmount it first")
         self._run(["lvremove", "--yes", self.lv_ref(name)], f"remove {self.vg}/{name}")
         return True
+
+    def remove_cow_snapshot(self, name: str) -> None:
+        """Remove a transient classic (COW) snapshot without leaving its origin's old blocks in free extents: the
+        COW area holds copies of the origin's chunks, so it is split off into a plain LV, zeroed, then removed.
+        A snapshot that cannot be split (LVM too old) is removed as it is."""
+        lv = self.find(name)
+        if lv is None:
+            return
+        if lv.origin:
+            try:
+                self._run(["lvconvert", "--yes", "--splitsnapshot", self.lv_ref(name)], f"split {self.vg}/{name}")
+            except TesseraError:
+                self.remove(name)
+                return
+        self.remove(name, wipe=True)
 
     def resize(self, name: str, size: int) -> LvInfo:
         """Grow to at least `size` bytes (never shrinks); returns the LV after the change."""

@@ -42,8 +42,8 @@ from pydantic import Field, model_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
                    SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
-from .errors import (Aborted, BackendUnavailable, CapacityExceeded, DeadlineExceeded, Internal, InUse, InvalidArgument,
-                     NotFound, OutOfRange, PermissionDenied, TesseraError)
+from .errors import (Aborted, BackendUnavailable, CapacityExceeded, DeadlineExceeded, FailedPrecondition, Internal,
+                     InUse, InvalidArgument, NotFound, OutOfRange, PermissionDenied, TesseraError)
 from .util import CommandError, run
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ FEATURE_NEEDS = {"object-map": "exclusive-lock", "fast-diff": "object-map"}
 MOUNTERS = ("krbd", "nbd", "fuse")
 PARAMS = ("pool", "dataPool", "imageFeatures", "mounter", "stripeUnit", "stripeCount")
 POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+IMAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # a safe subset of Ceph's (no '/', '@', spaces)
 SECRET_USER = "userID"
 SECRET_KEY = "userKey"
 
@@ -777,19 +778,43 @@ class RbdBackend(Backend):
         return args
 
     def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],
-                    secrets: Mapping[str, str]) -> Attachment:
+                    secrets: Mapping[str, str], *, readonly: bool = False,
+                    multi_writer: bool = False) -> Attachment:
+        """Map the image: read-only at the device for reader-only modes (krbd/rbd-nbd --read-only, a read-only
+        loop over rbd-fuse), never adopting another mapping of different permission. A read-write map first asks
+        Ceph who watches the image: every read-write mapping (krbd, rbd-nbd, rbd-fuse) holds a watch, read-only
+        ones do not, so a watcher is another node (or process) holding it read-write: FAILED_PRECONDITION naming
+        it, unless the mode lets several nodes write (raw block MULTI_NODE_MULTI_WRITER)."""
         parsed = self._split(local_id, VOL_PREFIX)
         if parsed is None:
             raise NotFound(f"volume {self.name}:{local_id} is not an rbd volume id")
         pool, image = context.get("pool", parsed[0]), context.get("image", parsed[1])
         mounter = context.get("mounter", self.options.mounter)
+        self._check_context(local_id, pool, image, mounter)
         if mounter == "fuse":
-            return self._fuse_attach(pool, image, secrets)
+            return self._fuse_attach(pool, image, secrets, readonly, multi_writer)
         if mounter == "krbd":
-            return self._krbd_attach(pool, image, secrets)
-        if mounter == "nbd":
-            return self._nbd_attach(pool, image, secrets)
-        raise InvalidArgument(f"unknown mounter {mounter!r}")
+            return self._krbd_attach(pool, image, secrets, readonly, multi_writer)
+        return self._nbd_attach(pool, image, secrets, readonly, multi_writer)
+
+    def _check_context(self, local_id: str, pool: str, image: str, mounter: str) -> None:
+        """The volume context comes from a static PV as often as from CreateVolume: pool and image must follow
+        Ceph's naming (and never look like an option), the pool must be one this backend is configured for
+        (`pool` or `extraPools`: a PV cannot map an image of a pool the operator did not give Tessera), and the
+        mounter one of the known ones."""
+        if not POOL_RE.match(pool):
+            raise InvalidArgument(f"volume {self.name}:{local_id}: pool {pool!r} is not a valid pool name "
+                                  "(letters, digits, '_' and '-', at most 63)")
+        allowed = [self.options.pool, *self.options.extraPools]
+        if pool not in allowed:
+            raise InvalidArgument(f"volume {self.name}:{local_id}: pool {pool!r} is not one of backend "
+                                  f"{self.name!r}'s pools ({', '.join(allowed)}); add it to extraPools to allow it")
+        if not IMAGE_RE.match(image):
+            raise InvalidArgument(f"volume {self.name}:{local_id}: image {image!r} is not a valid RBD image name "
+                                  "(letters, digits, '_', '.', '-', at most 128, not starting with '-' or '.')")
+        if mounter not in MOUNTERS:
+            raise InvalidArgument(f"volume {self.name}:{local_id}: unknown mounter {mounter!r} "
+                                  f"(one of {', '.join(MOUNTERS)})")
 
     def node_detach(self, local_id: str, attachment: Attachment) -> None:
         mounter = attachment.data.get("mounter")
@@ -801,6 +826,10 @@ class RbdBackend(Backend):
         elif mounter == "nbd":
             if attachment.device and os.path.exists(attachment.device):
                 _unmap(["rbd-nbd", "unmap", attachment.device])
+        pool, image = attachment.data.get("pool", ""), attachment.data.get("image", "")
+        if mounter in ("krbd", "nbd") and POOL_RE.match(pool) and IMAGE_RE.match(image):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._claim_path(mounter, pool, image))
 
     def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
         # krbd and rbd-nbd watch the image header and resize their device themselves; a loop device over an
@@ -811,41 +840,99 @@ class RbdBackend(Backend):
 
     # krbd / rbd-nbd: the same `rbd map` os-brick's RBD connector runs for a local attach, called directly so the
     # node needs no rootwrap/privsep setup (the node plugin already runs privileged).
-    def _krbd_attach(self, pool: str, image: str, secrets: Mapping[str, str]) -> Attachment:
-        dev = self._mapped(["rbd", "device", "list", "--format", "json"], pool, image)
-        if dev is None:
-            dev = run(["rbd", "device", "map", "--pool", pool, "--image", image,
-                       *self._node_client_args(secrets)], timeout=self.options.opTimeout + 30).stdout.strip()
-        return Attachment(device=dev, data={"mounter": "krbd", "pool": pool, "image": image})
+    def _krbd_attach(self, pool: str, image: str, secrets: Mapping[str, str], readonly: bool = False,
+                     multi_writer: bool = False) -> Attachment:
+        argv = ["rbd", "device", "map", "--pool", pool, "--image", image] + (["--read-only"] if readonly else [])
+        dev = self._claimed_map("krbd", ["rbd", "device", "list", "--format", "json"], pool, image, readonly,
+                                multi_writer, secrets, lambda: run(argv + self._node_client_args(secrets),
+                                                                   timeout=self.options.opTimeout + 30).stdout.strip())
+        return Attachment(device=dev, data={"mounter": "krbd", "pool": pool, "image": image, "readonly": readonly})
 
-    def _nbd_attach(self, pool: str, image: str, secrets: Mapping[str, str]) -> Attachment:
-        dev = self._mapped(["rbd-nbd", "list-mapped", "--format", "json"], pool, image)
+    def _nbd_attach(self, pool: str, image: str, secrets: Mapping[str, str], readonly: bool = False,
+                    multi_writer: bool = False) -> Attachment:
+        log_file = os.path.join(self._node_dir(), f"rbd-nbd-{pool}-{image}.log")
+        argv = ["rbd-nbd", "map", f"{pool}/{image}", "--log-file", log_file] + (["--read-only"] if readonly else [])
+        dev = self._claimed_map("nbd", ["rbd-nbd", "list-mapped", "--format", "json"], pool, image, readonly,
+                                multi_writer, secrets, lambda: run(argv + self._node_client_args(secrets),
+                                                                   timeout=self.options.opTimeout + 30).stdout.strip())
+        return Attachment(device=dev, data={"mounter": "nbd", "pool": pool, "image": image, "readonly": readonly})
+
+    def _claim_path(self, kind: str, pool: str, image: str) -> str:
+        d = os.path.join(self._node_dir(), "mapped")
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        return os.path.join(d, f"{kind}.{pool}.{image}.json")
+
+    def _claimed_map(self, kind: str, list_argv: list[str], pool: str, image: str, readonly: bool,
+                     multi_writer: bool, secrets: Mapping[str, str], do_map: Any) -> str:
+        """Map once per plugin, idempotently. The kernel's mapping list is shared by everything on the host, so
+        a mapping is adopted only when this plugin claimed it (a claim file in its state directory, written
+        *before* the map: a crash during the map leaves a claim 'mapping', and the retry then adopts the kernel's
+        mapping of that image, the one the crashed attempt made). Never adopts a mapping of the other permission."""
+        from .util import read_json, write_json_atomic
+        path = self._claim_path(kind, pool, image)
+        try:
+            claim = read_json(path)
+        except (FileNotFoundError, ValueError):
+            claim = None
+        found = self._mapped(list_argv, pool, image)
+        dev = None
+        if claim and found:
+            want = claim.get("device")
+            dev = want if want in found else (found[0] if want is None else None)
+        if dev is not None and _device_read_only(dev) != readonly:
+            raise FailedPrecondition(f"image {pool}/{image} is mapped on this node as {dev} "
+                                     f"{'read-only' if _device_read_only(dev) else 'read-write'}; unstage it before "
+                                     f"staging it {'read-only' if readonly else 'read-write'}")
         if dev is None:
-            log_file = os.path.join(self._node_dir(), f"rbd-nbd-{pool}-{image}.log")
-            dev = run(["rbd-nbd", "map", f"{pool}/{image}", "--log-file", log_file,
-                       *self._node_client_args(secrets)], timeout=self.options.opTimeout + 30).stdout.strip()
-        return Attachment(device=dev, data={"mounter": "nbd", "pool": pool, "image": image})
+            if not readonly and not multi_writer:
+                self._check_no_writer(pool, image, secrets)
+            write_json_atomic(path, {"device": None})
+            dev = do_map()
+        write_json_atomic(path, {"device": dev})
+        return dev
+
+    def _check_no_writer(self, pool: str, image: str, secrets: Mapping[str, str]) -> None:
+        """FailedPrecondition naming the watchers when anything holds the image open read-write."""
+        try:
+            out = run(["rbd", "status", "--format", "json", "--pool", pool, "--image", image,
+                       *self._node_client_args(secrets)], timeout=self.options.opTimeout + 30).stdout
+        except CommandError as e:
+            if "No such file" in e.stderr or "not found" in e.stderr.lower():
+                raise NotFound(f"rbd image {pool}/{image} does not exist") from None
+            raise BackendUnavailable(f"cannot ask Ceph who uses {pool}/{image}: {e}") from None
+        try:
+            watchers = json.loads(out or "{}").get("watchers", [])
+        except ValueError:
+            watchers = []
+        if watchers:
+            who = ", ".join(f"client.{w.get('client', '?')} at {w.get('address', '?')}" for w in watchers)
+            raise FailedPrecondition(f"rbd image {pool}/{image} is held read-write by {who} (another node's "
+                                     "mapping); unstage it there first, or use a reader-only or raw block "
+                                     "multi-writer access mode")
 
     @staticmethod
-    def _mapped(argv: list[str], pool: str, image: str) -> Optional[str]:
+    def _mapped(argv: list[str], pool: str, image: str) -> list[str]:
+        """Every device the kernel has mapped for the image's head (several processes may each have one)."""
         try:
             out = run(argv, timeout=30).stdout
         except CommandError:
-            return None
-        for m in json.loads(out or "[]"):
-            if m.get("pool") == pool and m.get("name", m.get("image")) == image and m.get("snap") in (None, "", "-"):
-                return m.get("device")
-        return None
+            return []
+        return [m.get("device") for m in json.loads(out or "[]")
+                if m.get("pool") == pool and m.get("name", m.get("image")) == image
+                and m.get("snap") in (None, "", "-") and m.get("device")]
 
     # fuse: rbd-fuse exposes the one image as a file; a loop device over it is the block device.
     def _fuse_mountpoint(self, pool: str, image: str) -> str:
         return os.path.join(self._node_dir(), "fuse", f"{pool}.{image}")
 
-    def _fuse_attach(self, pool: str, image: str, secrets: Mapping[str, str]) -> Attachment:
+    def _fuse_attach(self, pool: str, image: str, secrets: Mapping[str, str], readonly: bool = False,
+                     multi_writer: bool = False) -> Attachment:
         from csi import loopdev
         mnt = self._fuse_mountpoint(pool, image)
         path = os.path.join(mnt, image)
         if not _is_mountpoint(mnt):
+            if not readonly and not multi_writer:
+                self._check_no_writer(pool, image, secrets)  # rbd-fuse always holds a watch, even for readers
             os.makedirs(mnt, exist_ok=True)
             log_file = os.path.join(self._node_dir(), f"rbd-fuse-{pool}.{image}.log")
             # attr_timeout=0: the kernel must not cache the file size, or a loop refresh after a resize sees the old one
@@ -869,9 +956,9 @@ class RbdBackend(Backend):
                     raise DeadlineExceeded(f"rbd-fuse did not expose {pool}/{image} within "
                                            f"{self.options.connectTimeout + 5:.0f}s; see {log_file}")
                 time.sleep(0.05)
-        dev = loopdev.attach(path, direct_io=False)
+        dev = loopdev.attach(path, direct_io=False, read_only=readonly)
         return Attachment(device=dev, data={"mounter": "fuse", "pool": pool, "image": image, "mountpoint": mnt,
-                                            "path": path})
+                                            "path": path, "readonly": readonly})
 
     def _fuse_detach(self, attachment: Attachment) -> None:
         from csi import loopdev
@@ -947,6 +1034,15 @@ def _is_mountpoint(path: str) -> bool:
     try:
         with open("/proc/self/mountinfo") as f:
             return any(line.split()[4] == path for line in f)
+    except OSError:
+        return False
+
+
+def _device_read_only(device: str) -> bool:
+    """Whether the kernel refuses writes to `device` (its /sys/class/block/<name>/ro)."""
+    try:
+        with open(f"/sys/class/block/{os.path.basename(os.path.realpath(device))}/ro") as f:
+            return f.read().strip() == "1"
     except OSError:
         return False
 

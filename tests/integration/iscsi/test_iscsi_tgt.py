@@ -191,3 +191,93 @@ def test_placeholder_chap_key_is_refused(tgtd: Tgtd, tmp_path) -> None:
         assert b.driver.state(b.iqn(v.local_id)).acls == []  # nothing was granted
     finally:
         b.delete_volume(v.local_id, {})
+
+
+def _lun_table(tgtd: Tgtd, iqn: str) -> dict[int, dict[str, str]]:
+    """tgtd's own view of a target's LUNs: number → {field: value} (from `tgtadm --op show`)."""
+    from backends.util import run
+    out = run(["tgtadm", "-C", str(tgtd.control_port), "--lld", "iscsi", "--mode", "target", "--op", "show"]).stdout
+    luns: dict[int, dict[str, str]] = {}
+    inside, cur = False, None
+    for line in out.splitlines():
+        if line.startswith("Target "):
+            inside = line.split()[-1] == iqn
+        elif inside and line.strip().startswith("LUN:"):
+            cur = luns.setdefault(int(line.split(":")[1]), {})
+        elif inside and cur is not None and ":" in line:
+            k, _, v = line.strip().partition(":")
+            cur[k.strip()] = v.strip()
+    return luns
+
+
+def test_readonly_publish_gets_a_write_protected_lun(tgtd: Tgtd, backend: IscsiBackend) -> None:
+    """ControllerPublishVolume(readonly=true): the node is handed a LUN that tgtd itself marks read-only, over
+    the same backing store; the writable LUN keeps its setting for others."""
+    v = backend.create_volume(spec("pvc-ro"))
+    ro = CapabilitySpec("mount", "MULTI_NODE_READER_ONLY", "ext4")
+    pc = backend.controller_publish(v.local_id, NODE1, True, ro, v.context, {})
+    assert pc["lun"] == "2" and pc.get("readonly") == "true"
+    table = _lun_table(tgtd, backend.iqn(v.local_id))
+    assert table[2]["Readonly"] == "Yes" and table[1]["Readonly"] == "No"
+    assert table[2]["Backing store path"] == table[1]["Backing store path"]
+    chap = (pc["chapUser"], pc["chapPassword"])
+    assert iscsi_tool("iscsi-inq", lun_url(tgtd, backend.iqn(v.local_id), 2, chap), NODE1.attributes["iqn"]).returncode == 0
+    # a second reader on another node is fine (reader-only mode, both read-only)
+    backend.controller_publish(v.local_id, NODE2, True, ro, v.context, {})
+    backend.controller_unpublish(v.local_id, None, {})
+
+
+def test_incompatible_republish_to_the_same_node(backend: IscsiBackend) -> None:
+    """Same volume, same node, another readonly flag or capability: ALREADY_EXISTS (spec); the same one again is
+    idempotent; after an unpublish the node may come back with anything."""
+    from backends.errors import AlreadyExists
+    v = backend.create_volume(spec("pvc-rep"))
+    pc = backend.controller_publish(v.local_id, NODE1, False, CAP, v.context, {})
+    assert backend.controller_publish(v.local_id, NODE1, False, CAP, v.context, {}) == pc
+    with pytest.raises(AlreadyExists):
+        backend.controller_publish(v.local_id, NODE1, True, CAP, v.context, {})
+    with pytest.raises(AlreadyExists):
+        backend.controller_publish(v.local_id, NODE1, False, CapabilitySpec("block", "SINGLE_NODE_WRITER"),
+                                   v.context, {})
+    backend.controller_unpublish(v.local_id, NODE1, {})
+    assert backend.controller_publish(v.local_id, NODE1, True, CAP, v.context, {})["lun"] == "2"
+    backend.controller_unpublish(v.local_id, NODE1, {})
+
+
+def test_second_node_refused_while_the_first_holds_it(backend: IscsiBackend) -> None:
+    """A single-node or single-writer volume held read-write by node1: publishing it to node2 is
+    FAILED_PRECONDITION naming node1; raw block MULTI_NODE_MULTI_WRITER lets both write; unpublish frees it."""
+    v = backend.create_volume(spec("pvc-two"))
+    backend.controller_publish(v.local_id, NODE1, False, CAP, v.context, {})
+    with pytest.raises(FailedPrecondition) as info:
+        backend.controller_publish(v.local_id, NODE2, False, CAP, v.context, {})
+    assert "node1" in str(info.value) and NODE1.attributes["iqn"] in str(info.value)
+    backend.controller_unpublish(v.local_id, NODE1, {})
+    backend.controller_publish(v.local_id, NODE2, False, CAP, v.context, {})
+    backend.controller_unpublish(v.local_id, NODE2, {})
+
+    single = CapabilitySpec("block", "MULTI_NODE_SINGLE_WRITER")
+    backend.controller_publish(v.local_id, NODE1, False, single, v.context, {})
+    backend.controller_publish(v.local_id, NODE2, True, single, v.context, {})  # a reader beside the writer
+    backend.controller_unpublish(v.local_id, NODE2, {})
+    with pytest.raises(FailedPrecondition):
+        backend.controller_publish(v.local_id, NODE2, False, single, v.context, {})
+    backend.controller_unpublish(v.local_id, None, {})
+
+    multi = CapabilitySpec("block", "MULTI_NODE_MULTI_WRITER")
+    backend.controller_publish(v.local_id, NODE1, False, multi, v.context, {})
+    backend.controller_publish(v.local_id, NODE2, False, multi, v.context, {})
+    backend.controller_unpublish(v.local_id, None, {})
+    backend.delete_volume(v.local_id, {})
+
+
+@pytest.mark.parametrize("field,value", [("targetIqn", "iqn.2026-11.dev.other:vol"), ("targetIqn", "--op=delete"),
+                                         ("targetPortals", "10.9.9.9:3260"), ("targetPortals", "127.0.0.1:99999"),
+                                         ("lun", "16384"), ("lun", "-1")])
+def test_static_context_checked_before_login(backend: IscsiBackend, field: str, value: str) -> None:
+    """A static PV's context cannot send the node to another target or portal, nor name an impossible LUN."""
+    from backends.errors import InvalidArgument
+    v = backend.create_volume(spec("pvc-static"))
+    ctx = {**v.context, field: value}
+    with pytest.raises(InvalidArgument):
+        backend.node_attach(v.local_id, ctx, {}, {})

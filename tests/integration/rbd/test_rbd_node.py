@@ -92,3 +92,58 @@ def test_fuse_attach_with_secrets_and_filesystem(ceph_cluster, state_dir, admin_
     keyfiles = [f for f in os.listdir(os.path.join(state_dir, "rbd", "ceph")) if f.startswith("key-")]
     assert keyfiles and all(os.stat(os.path.join(state_dir, "rbd", "ceph", f)).st_mode & 0o077 == 0 for f in keyfiles)
     b.close()
+
+
+def _vol(b: RbdBackend, mode: str = "SINGLE_NODE_WRITER"):
+    return b.create_volume(CreateVolumeSpec(f"ds-{uuid.uuid4().hex[:8]}", 64 * MIB, 0, {}, {},
+                                            [CapabilitySpec("block", mode)]))
+
+
+def test_reader_only_attach_refuses_writes(backend: RbdBackend, admin_io):
+    """A reader-only attach is read-only at the device: a write through it fails and the image is unchanged."""
+    vol = _vol(backend, "MULTI_NODE_READER_ONLY")
+    att = backend.node_attach(vol.local_id, vol.context, {}, {}, readonly=True)
+    try:
+        with pytest.raises(OSError):
+            fd = os.open(att.device, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"x" * 4096, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with rbd.Image(admin_io, vol.context["image"], read_only=True) as img:
+            assert img.read(0, 4096) == bytes(4096)
+    finally:
+        backend.node_detach(vol.local_id, att)
+    backend.delete_volume(vol.local_id, {})
+
+
+def test_second_writer_refused_naming_the_holder(ceph_cluster, backend: RbdBackend, tmp_path):
+    """Another node (a second plugin with its own state) attaching read-write while the first holds the image
+    read-write: FAILED_PRECONDITION naming the watcher; once the first lets go, it works."""
+    from backends.errors import FailedPrecondition
+    from tests.ceph.rbdutil import make_backend
+    other = make_backend(ceph_cluster, str(tmp_path / "node-b"))
+    vol = _vol(backend)
+    att = backend.node_attach(vol.local_id, vol.context, {}, {})
+    try:
+        with pytest.raises(FailedPrecondition) as info:
+            other.node_attach(vol.local_id, vol.context, {}, {})
+        assert "client." in str(info.value) and vol.context["image"] in str(info.value)
+    finally:
+        backend.node_detach(vol.local_id, att)
+    att2 = other.node_attach(vol.local_id, vol.context, {}, {})
+    other.node_detach(vol.local_id, att2)
+    other.close()
+    backend.delete_volume(vol.local_id, {})
+
+
+@pytest.mark.parametrize("field,value", [("pool", "other-pool"), ("pool", "-x"), ("image", "--help"),
+                                         ("image", "a/b"), ("mounter", "sh")])
+def test_static_context_checked_before_use(backend: RbdBackend, field: str, value: str):
+    """A static PV's context cannot name a pool the backend is not configured for, nor a name Ceph would not
+    accept (or a tool would read as an option): INVALID_ARGUMENT, nothing mapped."""
+    from backends.errors import InvalidArgument
+    ctx = {"pool": backend.options.pool, "image": "tessera-vol-x", "mounter": "fuse", field: value}
+    with pytest.raises(InvalidArgument):
+        backend.node_attach(f"{backend.options.pool}.tessera-vol-x", ctx, {}, {})
