@@ -179,6 +179,13 @@ class Backend(abc.ABC):
         """Sizes are rounded up to a multiple of this."""
         return 1 << 20
 
+    def max_volume_bytes(self, parameters: Mapping[str, str] = {}) -> Optional[int]:
+        """The largest volume this backend could ever hold with these StorageClass parameters (None: no limit below
+        the CSI int64 range). Why: a size past the storage's or the file system's real limit fails deep inside the
+        storage (EFBIG, OverflowError, a refused resize) after work has begun; the controller refuses it first with
+        OUT_OF_RANGE, and a node knows not to wait for a device to grow that far."""
+        return None
+
     def validate_parameters(self, parameters: Mapping[str, str]) -> None:
         """Raise InvalidArgument for an unknown or malformed StorageClass parameter."""
 

@@ -6,6 +6,8 @@ object and says what to do; it never contains a secret.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 
 class TesseraError(Exception):
     """Base of every error the driver raises on purpose."""
@@ -61,3 +63,36 @@ class DeadlineExceeded(TesseraError):
 
 class Internal(TesseraError):
     """A bug or an unexpected state; the message says where."""
+
+
+# ---- bounded text -------------------------------------------------------------------------------------------------
+# A message travels back to the CO in the gRPC status (a trailer: grpc-python refuses metadata over 8-16 KiB with
+# RESOURCE_EXHAUSTED, which would hide the real answer) and into one log line. Anything a request supplied (IDs,
+# names, paths, parameter keys) may be arbitrarily long, so messages show it through these helpers.
+
+MAX_SHOWN = 200  # characters of one user-supplied value shown in a message
+MAX_LISTED = 5  # items of a user-supplied list shown in a message
+
+
+def clip(value: object, limit: int = MAX_SHOWN) -> str:
+    """`value` as text, cut to `limit` characters with an ellipsis that says how much was left out."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…(+{len(text) - limit:,} characters)"
+
+
+def shown(value: object, limit: int = MAX_SHOWN) -> str:
+    """`repr` of a user-supplied string, clipped (quotes make empty and odd values visible)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"…(+{len(text) - limit:,} characters)"
+
+
+def listing(items: Iterable[object], limit: int = MAX_LISTED) -> str:
+    """'a, b, c' — or 'a, b, c, d, e and 9,995 more' — sorted, each item clipped."""
+    names = sorted(str(i) for i in items)
+    head = ", ".join(clip(n, 64) for n in names[:limit])
+    rest = len(names) - limit
+    return f"{head} and {rest:,} more" if rest > 0 else head

@@ -22,10 +22,14 @@ from pydantic import Field, field_validator
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
                    SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
 from .errors import BackendUnavailable, CapacityExceeded, InUse, InvalidArgument, NotFound, OutOfRange
+from .errors import listing
 from .filecopy import copy_fd, open_source, remove_temp, staging
 from .util import read_json, write_json_atomic
 
 VOLUME_PREFIX = "vol-"
+# The largest backing file every file system we meet holds: ext4 with 4 KiB blocks stops at 16 TiB (EFBIG past it);
+# xfs and btrfs go further, but the directory's own size caps a volume long before that on any real host.
+MAX_FILE_BYTES = (16 << 40) - (1 << 20)
 SNAPSHOT_PREFIX = "snap-"
 
 
@@ -59,7 +63,12 @@ class FileBackend(Backend):
 
     def validate_parameters(self, parameters: Mapping[str, str]) -> None:
         if parameters:
-            raise InvalidArgument(f"the file backend takes no StorageClass parameters; got {', '.join(sorted(parameters))}")
+            raise InvalidArgument(f"the file backend takes no StorageClass parameters; got {listing(parameters)}")
+
+    def max_volume_bytes(self, parameters: Mapping[str, str] = {}) -> int:
+        """A sparse image may not be larger than the whole file system holding it, nor than its largest file."""
+        st = os.statvfs(self.vol_dir)
+        return min(st.f_blocks * st.f_frsize, MAX_FILE_BYTES)
 
     def probe(self) -> None:
         if not os.access(self.vol_dir, os.W_OK):
@@ -186,7 +195,7 @@ class FileBackend(Backend):
     def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
         st = os.statvfs(self.vol_dir)
         avail = st.f_bavail * st.f_frsize
-        return Capacity(available_bytes=avail, maximum_volume_size=st.f_blocks * st.f_frsize)
+        return Capacity(available_bytes=avail, maximum_volume_size=self.max_volume_bytes())
 
     def expand_volume(self, local_id: str, size_bytes: int, secrets: Mapping[str, str]) -> tuple[int, bool]:
         vol = self.get_volume(local_id, secrets)
@@ -213,7 +222,7 @@ class FileBackend(Backend):
     def create_snapshot(self, source_local_id: str, name: str, parameters: Mapping[str, str],
                         secrets: Mapping[str, str]) -> Snapshot:
         if parameters:
-            raise InvalidArgument(f"the file backend takes no snapshot parameters; got {', '.join(sorted(parameters))}")
+            raise InvalidArgument(f"the file backend takes no snapshot parameters; got {listing(parameters)}")
         local_id = SNAPSHOT_PREFIX + object_uuid(self.runtime.driver_name, "snapshot/" + name)
         existing = self._load_snapshot(local_id)
         if existing is not None:

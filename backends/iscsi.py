@@ -189,6 +189,10 @@ class IscsiBackend(Backend):
     def allocation_unit(self) -> int:
         return self.store.allocation_unit()
 
+    def max_volume_bytes(self, parameters: Mapping[str, str] = {}) -> int:
+        """The backing store's largest volume: its file system's size, or its VG's or thin pool's."""
+        return self.store.capacity()[1]
+
     def validate_parameters(self, parameters: Mapping[str, str]) -> None:
         if parameters:
             raise InvalidArgument(f"the iscsi backend takes no StorageClass parameters; got {', '.join(sorted(parameters))}")

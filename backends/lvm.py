@@ -34,6 +34,7 @@ from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource,
                    SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
 from .errors import (BackendUnavailable, CapacityExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TesseraError,
                      Unsupported)
+from .errors import listing
 from .lvm_volumes import LvInfo, LvmVolumes, fields_to_tags, validate_name
 
 VOLUME_PREFIX = "tv-"
@@ -93,9 +94,13 @@ class LvmBackend(Backend):
                 return 4 << 20  # VG unreachable now; CreateVolume will report that itself
         return self._extent
 
+    def max_volume_bytes(self, parameters: Mapping[str, str] = {}) -> int:
+        """Thin: the pool's size × overcommitRatio; thick: the VG's size (see _room)."""
+        return self._room()[1]
+
     def validate_parameters(self, parameters: Mapping[str, str]) -> None:
         if parameters:
-            raise InvalidArgument(f"the lvm backend takes no StorageClass parameters; got {', '.join(sorted(parameters))}")
+            raise InvalidArgument(f"the lvm backend takes no StorageClass parameters; got {listing(parameters)}")
 
     def probe(self) -> None:
         self.lvm.vg_info()
@@ -299,7 +304,7 @@ class LvmBackend(Backend):
     def create_snapshot(self, source_local_id: str, name: str, parameters: Mapping[str, str],
                         secrets: Mapping[str, str]) -> Snapshot:
         if parameters:
-            raise InvalidArgument(f"the lvm backend takes no snapshot parameters; got {', '.join(sorted(parameters))}")
+            raise InvalidArgument(f"the lvm backend takes no snapshot parameters; got {listing(parameters)}")
         if not self.thin:
             raise Unsupported(f"backend {self.name!r} uses thick LVs, which cannot keep snapshots; configure a "
                               "thinPool for snapshots")

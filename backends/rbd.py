@@ -44,6 +44,7 @@ from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource,
                    SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
 from .errors import (Aborted, BackendUnavailable, CapacityExceeded, DeadlineExceeded, FailedPrecondition, Internal,
                      InUse, InvalidArgument, NotFound, OutOfRange, PermissionDenied, TesseraError)
+from .errors import listing, shown
 from .util import CommandError, run
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 IMAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # a safe subset of Ceph's (no '/', '@', spaces)
 SECRET_USER = "userID"
 SECRET_KEY = "userKey"
+# librbd refuses an object map over 256,000,000 objects (cls_rbd's MAX_OBJECT_MAP_OBJECT_COUNT); Tessera creates
+# images with the cluster's default object size, 4 MiB (rbd_default_order 22).
+OBJECT_MAP_MAX_OBJECTS = 256_000_000
+DEFAULT_OBJECT_BYTES = 4 << 20
 
 
 class RbdOptions(BackendOptions):
@@ -104,7 +109,7 @@ def _feature_bits(names: Iterable[str], exc: type[Exception] = InvalidArgument) 
     value = 0
     for n in names:
         if n not in bits:
-            raise exc(f"unknown image feature {n!r}; known: {', '.join(FEATURE_NAMES)}")
+            raise exc(f"unknown image feature {shown(n, 64)}; known: {', '.join(FEATURE_NAMES)}")
         if n in FEATURE_NEEDS and FEATURE_NEEDS[n] not in names:
             raise exc(f"image feature {n!r} needs {FEATURE_NEEDS[n]!r}")
         value |= bits[n]
@@ -161,11 +166,11 @@ class RbdBackend(Backend):
     def validate_parameters(self, parameters: Mapping[str, str]) -> None:
         unknown = sorted(set(parameters) - set(PARAMS))
         if unknown:
-            raise InvalidArgument(f"unknown rbd StorageClass parameter(s) {', '.join(unknown)}; "
+            raise InvalidArgument(f"unknown rbd StorageClass parameter(s) {listing(unknown)}; "
                                   f"known: {', '.join(PARAMS)}")
         for key in ("pool", "dataPool"):
             if key in parameters and not POOL_RE.match(parameters[key]):
-                raise InvalidArgument(f"parameter {key}={parameters[key]!r} is not a valid pool name")
+                raise InvalidArgument(f"parameter {key}={shown(parameters[key], 80)} is not a valid pool name")
         if "imageFeatures" in parameters:
             _feature_bits(parameters["imageFeatures"].split(","))
         if "mounter" in parameters and parameters["mounter"] not in MOUNTERS:
@@ -176,6 +181,14 @@ class RbdBackend(Backend):
 
     def allocation_unit(self) -> int:
         return 1 << 20
+
+    def max_volume_bytes(self, parameters: Mapping[str, str] = {}) -> Optional[int]:
+        """With the object-map feature an image holds at most 256,000,000 objects (976 TiB at 4 MiB); without it,
+        librbd's sizes are 64-bit and the CSI int64 range is the limit."""
+        names = parameters["imageFeatures"].split(",") if "imageFeatures" in parameters else self.options.imageFeatures
+        if "object-map" in (n.strip() for n in names):
+            return OBJECT_MAP_MAX_OBJECTS * DEFAULT_OBJECT_BYTES
+        return None
 
     # ---- connections --------------------------------------------------------------------------------------
     def _credentials(self, secrets: Mapping[str, str]) -> tuple[str, Optional[str]]:

@@ -28,6 +28,7 @@ from .registry import Backends
 log = logging.getLogger(__name__)
 
 MAX_NAME = 128
+INT64_MAX = (1 << 63) - 1  # the largest size CSI's int64 capacity fields can carry back
 _TOKEN_PREFIX = "t1."
 
 
@@ -120,7 +121,7 @@ class ControllerOps:
         problem = check_capabilities(backend, capabilities)
         if problem:
             raise InvalidArgument(problem)
-        size = self._size(backend, required_bytes, limit_bytes)
+        size = self._size(backend, required_bytes, limit_bytes, params)
         content: Optional[ContentSource] = None
         if source is not None:
             content = self._content_source(backend, source[0], source[1], secrets)
@@ -174,13 +175,17 @@ class ControllerOps:
                 raise AlreadyExists(f"volume {name!r} already exists as {where} with different parameters "
                                     f"({', '.join(keys)})")
 
-    def _size(self, backend: Backend, required: int, limit: int) -> int:
+    def _size(self, backend: Backend, required: int, limit: int, parameters: Mapping[str, str] = {}) -> int:
         unit = backend.allocation_unit()
         size = required or (min(constants.DEFAULT_VOLUME_SIZE, limit) if limit else constants.DEFAULT_VOLUME_SIZE)
         rounded = -(-size // unit) * unit
         if limit and rounded > limit:
             raise OutOfRange(f"backend {backend.name!r} allocates in units of {unit} bytes; no size in "
                              f"[{required}, {limit}] is possible")
+        most = min(backend.max_volume_bytes(parameters) or INT64_MAX, INT64_MAX)
+        if rounded > most:  # before any work: past this the storage fails half-way (EFBIG, OverflowError)
+            raise OutOfRange(f"{rounded} bytes is more than the largest volume backend {backend.name!r} can hold "
+                             f"({most} bytes)")
         return rounded
 
     def _content_source(self, backend: Backend, kind: str, raw_id: str, secrets: Mapping[str, str]) -> ContentSource:
@@ -258,7 +263,7 @@ class ControllerOps:
         with self.locks.operation(Operation("ControllerExpandVolume", volume_id), exclusive=[volume_key(volume_id)],
                                   provider=backend.operation_lock_provider()):
             vol = backend.get_volume(oid.local, secrets)
-            size = self._size(backend, max(required_bytes, 1), limit_bytes)
+            size = self._size(backend, max(required_bytes, 1), limit_bytes, vol.parameters)
             if vol.capacity_bytes >= size:
                 return vol.capacity_bytes, False
             return backend.expand_volume(oid.local, size, secrets)

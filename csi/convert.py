@@ -20,6 +20,9 @@ def capability(cap: "pb.VolumeCapability", field: str = "volume_capability") -> 
     mode = cap.access_mode.mode if cap.HasField("access_mode") else 0
     if mode == _MODE.UNKNOWN:
         raise InvalidArgument(f"{field}.access_mode is required")
+    if mode not in _MODE.values():  # proto3 enums are open: any int32 arrives as it was sent
+        raise InvalidArgument(f"{field}.access_mode.mode {mode} is not a CSI access mode "
+                              f"(one of {', '.join(n for n in _MODE.keys() if n != 'UNKNOWN')})")
     if kind == "mount":
         return CapabilitySpec("mount", _MODE.Name(mode), cap.mount.fs_type, tuple(cap.mount.mount_flags))
     return CapabilitySpec("block", _MODE.Name(mode))

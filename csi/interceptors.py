@@ -1,18 +1,30 @@
-"""Cross-cutting RPC behaviour in one interceptor: one structured log line per call, Prometheus metrics, and the
-mapping of typed errors to gRPC status codes (via csi.errors). An unexpected exception becomes INTERNAL with its
-traceback logged; it never reaches grpc's own handler or kills the server."""
+"""Cross-cutting RPC behaviour in one interceptor: request decoding, one structured log line per call, Prometheus
+metrics, and the mapping of typed errors to gRPC status codes (via csi.errors). An unexpected exception becomes
+INTERNAL with its traceback logged; it never reaches grpc's own handler or kills the server.
+
+Why the interceptor decodes requests itself: grpc-python's default deserializer turns a request protobuf cannot
+parse (say a `string` field holding bytes that are not UTF-8) into INTERNAL "Exception deserializing request!"
+before any plugin code runs, so the caller gets the wrong code and the plugin neither logs nor counts the call. Here
+the method handlers are given raw bytes and the generated message class parses them inside the call, so such a
+request is INVALID_ARGUMENT with a message, logged and counted like any other. The bytes on the wire are the same.
+
+Log lines are bounded: IDs and paths are clipped, the request rendering is cut, the traceback of an INTERNAL is
+kept to its last few kB. One hostile request must not cost megabytes of log."""
 from __future__ import annotations
 
 import json
 import logging
 import time
-from typing import Any, Callable
+import traceback
+from typing import Any, Callable, Optional
 
 import grpc
 from prometheus_client import Counter, Histogram
 
+from backends.errors import InvalidArgument, clip
+
 from .errors import status_for
-from .redact import safe_dict
+from .redact import safe_bounded_dict
 
 log = logging.getLogger("tessera.rpc")
 
@@ -22,6 +34,9 @@ LATENCY = Histogram("tessera_csi_request_duration_seconds", "CSI request latency
 
 _ID_FIELDS = ("volume_id", "source_volume_id", "snapshot_id", "name", "node_id", "staging_target_path",
               "target_path", "volume_path")
+MAX_FIELD = 256  # characters of one ID or path in the per-call log line
+MAX_RENDER = 4096  # characters of a rendered request (error and debug lines)
+MAX_TRACEBACK = 4096  # characters of a logged traceback (its end: where it failed)
 
 
 def _ids(request: Any) -> dict[str, str]:
@@ -29,15 +44,41 @@ def _ids(request: Any) -> dict[str, str]:
     for f in _ID_FIELDS:
         v = getattr(request, f, None)
         if v:
-            out[f] = v
+            out[f] = clip(v, MAX_FIELD)
     return out
 
 
 def _render(request: Any) -> str:
     try:
-        return json.dumps(safe_dict(request), default=str)
+        return clip(json.dumps(safe_bounded_dict(request), default=str), MAX_RENDER)
     except Exception:  # logging must never turn one failure into another
         return '"<unrenderable request>"'
+
+
+def _traceback(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
+    if len(text) <= MAX_TRACEBACK:
+        return text
+    return f"…({len(text) - MAX_TRACEBACK:,} characters left out)\n" + text[-MAX_TRACEBACK:]
+
+
+def _message_name(deserializer: Optional[Callable]) -> str:
+    cls = getattr(deserializer, "__self__", None)
+    descriptor = getattr(cls, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "") or "request message"
+
+
+def decode(deserializer: Optional[Callable], raw: Any) -> Any:
+    """The request message parsed from its wire bytes; InvalidArgument when protobuf cannot parse them."""
+    if deserializer is None or not isinstance(raw, (bytes, bytearray, memoryview)):
+        return raw
+    try:
+        return deserializer(bytes(raw))
+    except Exception as exc:  # protobuf raises DecodeError, and on some versions other types, for bad input
+        raise InvalidArgument(
+            f"the request ({len(raw):,} bytes) is not a valid {_message_name(deserializer)}: "
+            f"{clip(str(exc), 200)} (a string field holding bytes that are not UTF-8, or a malformed message)"
+        ) from None
 
 
 class RpcInterceptor(grpc.ServerInterceptor):
@@ -47,16 +88,19 @@ class RpcInterceptor(grpc.ServerInterceptor):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
+        deserializer = handler.request_deserializer
 
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        def wrapped(raw: Any, context: grpc.ServicerContext) -> Any:
             start = time.monotonic()
             code, message = grpc.StatusCode.OK, ""
+            request: Any = None
             try:
+                request = decode(deserializer, raw)
                 return inner(request, context)
             except Exception as exc:  # every failure path goes through here
                 code, message = status_for(exc)
                 if code == grpc.StatusCode.INTERNAL:
-                    log.error("error in %s: %s", method, _render(request), exc_info=True)
+                    log.error("error in %s: %s\n%s", method, _render(request), _traceback(exc))
                 context.abort(code, message)
             finally:
                 elapsed = time.monotonic() - start
@@ -68,8 +112,9 @@ class RpcInterceptor(grpc.ServerInterceptor):
                     fields["message"] = message
                 log.log(logging.INFO if code in (grpc.StatusCode.OK, grpc.StatusCode.ABORTED) else logging.WARNING,
                         json.dumps(fields))
-                if log.isEnabledFor(logging.DEBUG):
+                if log.isEnabledFor(logging.DEBUG) and request is not None:
                     log.debug('{"method": "%s", "request": %s}', method, _render(request))
 
-        return grpc.unary_unary_rpc_method_handler(wrapped, request_deserializer=handler.request_deserializer,
+        # request_deserializer=None: grpc hands `wrapped` the raw bytes, which `decode` parses (see the docstring)
+        return grpc.unary_unary_rpc_method_handler(wrapped, request_deserializer=None,
                                                    response_serializer=handler.response_serializer)

@@ -1,11 +1,12 @@
 """CSI Node service: request validation and translation; the logic is in nodeops."""
 from __future__ import annotations
 
-from backends.errors import InvalidArgument
+from backends.errors import InvalidArgument, NotFound, OutOfRange, TesseraError
 
 from . import convert
 from ._pb import csi_pb2 as pb
 from ._pb import csi_pb2_grpc as rpc
+from .ids import parse_id
 from .nodeops import NodeOps
 
 _Cap = pb.NodeServiceCapability.RPC
@@ -76,6 +77,36 @@ class NodeService(rpc.NodeServicer):
         _require(request.volume_path, "volume_path")
         if request.HasField("volume_capability"):
             convert.required_capability(request)
-        size = self.ops.expand(request.volume_id, request.volume_path, request.staging_target_path,
-                               request.capacity_range.required_bytes)
+        required, limit = request.capacity_range.required_bytes, request.capacity_range.limit_bytes
+        if required < 0 or limit < 0:
+            raise InvalidArgument("capacity_range must not be negative")
+        if limit and required > limit:
+            raise InvalidArgument(f"capacity_range.required_bytes ({required}) exceeds limit_bytes ({limit})")
+        if required:
+            self._check_reachable(request.volume_id, required)
+        size = self.ops.expand(request.volume_id, request.volume_path, request.staging_target_path, required)
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    def _check_reachable(self, volume_id: str, required: int) -> None:
+        """OUT_OF_RANGE at once, before the volume's lock is taken, for a size its device can never reach: past the
+        backend's largest volume, or — where the storage lives on this node and answers here without credentials —
+        past what the storage holds now (ControllerExpandVolume has not grown it). Otherwise NodeOps.expand would
+        wait for the device to grow, holding the volume's lock, and answer UNAVAILABLE only after its timeout."""
+        try:
+            oid = parse_id(volume_id)
+            backend = self.ops.backends.for_id(oid.backend, f"volume {volume_id!r}")
+        except NotFound:
+            return  # NodeOps answers for a volume that cannot exist
+        most = backend.max_volume_bytes()
+        if most is not None and required > most:
+            raise OutOfRange(f"capacity_range.required_bytes {required} is more than the largest volume backend "
+                             f"{backend.name!r} can hold ({most} bytes)")
+        if not backend.features().node_local:
+            return
+        try:
+            vol = backend.get_volume(oid.local, {})
+        except TesseraError:
+            return  # NodeOps reports an unknown or unreachable volume in its own words
+        if vol.capacity_bytes < required:
+            raise OutOfRange(f"volume {volume_id} holds {vol.capacity_bytes} bytes in its storage, less than the "
+                             f"{required} bytes asked; grow it with ControllerExpandVolume first")

@@ -9,6 +9,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from backends.errors import clip
+
 from ._pb import csi_pb2
 
 _SECRET_EXT = csi_pb2.csi_secret
@@ -47,3 +49,33 @@ def safe_dict(msg: Message) -> dict[str, Any]:
         else:
             out[field.name] = value
     return out
+
+
+MAX_ITEMS = 20  # entries of one map or list shown in a log line
+MAX_VALUE = 256  # characters of one string shown in a log line
+
+
+def bounded(value: Any, items: int = MAX_ITEMS, chars: int = MAX_VALUE) -> Any:
+    """A copy of a `safe_dict` value fit for one log line: strings clipped, maps and lists cut to their first
+    `items` entries plus a count of the rest. A hostile request (a 10,000-key parameter map, a megabyte path) must
+    not turn into a megabyte log line."""
+    if isinstance(value, str):
+        return clip(value, chars)
+    if isinstance(value, bytes):
+        return clip(repr(value), chars)
+    if isinstance(value, dict):
+        out = {clip(str(k), chars): bounded(v, items, chars) for k, v in list(value.items())[:items]}
+        if len(value) > items:
+            out["…"] = f"{len(value) - items:,} more entries"
+        return out
+    if isinstance(value, (list, tuple)):
+        out_list = [bounded(v, items, chars) for v in list(value)[:items]]
+        if len(value) > items:
+            out_list.append(f"…{len(value) - items:,} more items")
+        return out_list
+    return value
+
+
+def safe_bounded_dict(msg: Message) -> dict[str, Any]:
+    """`safe_dict` (secrets replaced) and `bounded` (sizes capped): what a log line may show of a request."""
+    return bounded(safe_dict(msg))
