@@ -371,10 +371,24 @@ class LvmVolumes:
             raise InUse(f"logical volume {self.vg}/{name} is open (mounted or attached); unmount it first")
         if wipe:
             self.wipe(name)
-            if self._must(name).open:
+            if not self._closed_after_our_write(name):
                 raise InUse(f"logical volume {self.vg}/{name} is open (mounted or attached); unmount it first")
         self._run(["lvremove", "--yes", self.lv_ref(name)], f"remove {self.vg}/{name}")
         return True
+
+    def _closed_after_our_write(self, name: str, attempts: int = 5) -> bool:
+        """Whether the LV is closed once udev is done with it. Closing a device we wrote (the wipe) makes udev's
+        watch probe it (blkid opens it for a moment), so an open count right after the wipe is usually udev's own:
+        let udev settle and look again, a bounded number of times, before calling the volume in use."""
+        for attempt in range(attempts):
+            if not self._must(name).open:
+                return True
+            try:
+                run(["udevadm", "settle", "--timeout=10"], timeout=15, check=False)
+            except TesseraError:  # no udevadm (no udev): nothing to wait for but the moment itself
+                pass
+            time.sleep(0.1 * (attempt + 1))
+        return not self._must(name).open
 
     def remove_cow_snapshot(self, name: str) -> None:
         """Remove a transient classic (COW) snapshot without leaving its origin's old blocks in free extents: the
