@@ -86,11 +86,16 @@ def paginate(items: list, key, max_entries: int, starting_token: str) -> Page:
 
 
 class ControllerOps:
-    def __init__(self, backends: Backends, locks: Optional[KeyedLocks] = None) -> None:
+    def __init__(self, backends: Backends, locks: Optional[KeyedLocks] = None, *, serving: bool = False) -> None:
+        """`serving`: this process serves the CSI Controller service for as long as it lives, so single-instance
+        backends claim their storage now (a second controller refuses to start). Short-lived users of these
+        operations (a FlexVolume call, a command, a test) leave it False."""
         self.backends = backends
         self.locks = locks or KeyedLocks()
-        for b in backends:  # this process serves the controller: single-instance backends claim their storage
-            b.claim_controller()
+        if serving:
+            for b in backends:
+                b.claim_controller()
+
 
     @property
     def node_name(self) -> str:

@@ -94,7 +94,7 @@ def build(config: Config, endpoint: str, node_name: str, mode: str = "all", work
     controller = mode in ("all", "controller")
     rpc.add_IdentityServicer_to_server(IdentityService(backends, controller, mode in ("all", "node")), server)
     if controller:
-        rpc.add_ControllerServicer_to_server(ControllerService(ControllerOps(backends, locks)), server)
+        rpc.add_ControllerServicer_to_server(ControllerService(ControllerOps(backends, locks, serving=True)), server)
     if mode in ("all", "node"):
         nodeops = NodeOps(backends, config.node.maxVolumesPerNode, config.node.allowedPathPrefixes, locks)
         nodeops.reconcile()  # records whose mounts and devices are gone (a reboot) are dropped, and logged
