@@ -96,7 +96,6 @@ class ControllerOps:
             for b in backends:
                 b.claim_controller()
 
-
     @property
     def node_name(self) -> str:
         return self.backends.runtime.node_name
