@@ -353,3 +353,48 @@ class Backend(abc.ABC):
         """Host directories this backend owns (its images, its own state). The node plugin refuses any staging or
         target path that is, or lies under, one of them, whatever the request or the allowed prefixes say."""
         return []
+
+    # ---- what an operator watches (csi/usage_metrics.py exports it) ---------------------------------------
+    def orphans(self) -> list["Orphan"]:
+        """Backing objects with Tessera's marks that form no complete volume or snapshot: what a crashed create or
+        delete left. Read-only: `tessera-csi volumes orphans` shows them, nothing deletes them."""
+        raise Unsupported(f"backend {self.name!r} cannot list orphans yet")
+
+    def usage(self) -> "Usage":
+        """How full this backend's storage is and how many volumes and snapshots it holds, for the metrics endpoint.
+        Called from a background thread every few tens of seconds, never from an RPC. The default counts what the
+        list calls return and takes the free space from `get_capacity`; override it to report the total and the
+        storage's own figures (a thin pool's data and metadata use). A part that fails is left out and its reason
+        kept in `problems`, so one unreachable figure does not hide the others."""
+        out = Usage()
+        parts = [("volumes", lambda: sum(1 for _ in self.list_volumes({}))),
+                 ("free_bytes", lambda: self.get_capacity({}, None).available_bytes)]
+        if self.features().snapshots:
+            parts.append(("snapshots", lambda: sum(1 for _ in self.list_snapshots({}))))
+        for attr, read in parts:
+            try:
+                setattr(out, attr, read())
+            except Unsupported:
+                pass
+            except Exception as e:  # noqa: BLE001 - reported as a problem, never raised into the metrics thread
+                out.problems.append(f"{attr}: {e}")
+        return out
+
+
+@dataclass
+class Usage:
+    """One backend's fill level. None: the backend cannot tell (the metric is then absent rather than a guess)."""
+    total_bytes: Optional[int] = None
+    free_bytes: Optional[int] = None
+    volumes: Optional[int] = None
+    snapshots: Optional[int] = None
+    # the storage's own gauges, e.g. {"thin_data_percent": 71.5, "thin_metadata_percent": 12.0}
+    gauges: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A backing object that carries Tessera's marks but is no complete volume or snapshot."""
+    object: str  # the storage's own name for it (a path, pool/image, vg/lv)
+    reason: str  # what is missing or left over, in words an operator can act on

@@ -20,7 +20,7 @@ from typing import Iterable, Mapping, Optional
 from pydantic import Field, field_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
-                   SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
+                   Orphan, SINGLE_NODE_MODES, Snapshot, Usage, Volume, object_uuid)
 from .errors import BackendUnavailable, CapacityExceeded, InUse, InvalidArgument, NotFound, OutOfRange
 from .errors import listing
 from .filecopy import copy_fd, open_source, remove_temp, staging
@@ -308,6 +308,47 @@ class FileBackend(Backend):
 
     def owned_paths(self) -> list[str]:
         return [self.options.directory]
+
+    def orphans(self) -> list[Orphan]:
+        """Images without their record (a create that crashed before its commit point, or a delete after removing
+        the record), records without their image, and temporary copies no live writer holds."""
+        out: list[Orphan] = []
+        for kind, directory in (("volume", self.vol_dir), ("snapshot", self.snap_dir)):
+            names = set(os.listdir(directory))
+            for n in sorted(names):
+                path = os.path.join(directory, n)
+                if n.endswith(".img") and n[:-4] + ".json" not in names:
+                    out.append(Orphan(path, f"{kind} image without its record: a create that crashed before its "
+                                            "commit point (retrying that create completes it) or an interrupted "
+                                            "delete"))
+                elif n.endswith(".json") and not n.startswith(".") and n[:-5] + ".img" not in names:
+                    out.append(Orphan(path, f"{kind} record whose image is missing"))
+                elif n.endswith(".img.tmp") and not _flock_held(path):
+                    out.append(Orphan(path, "temporary copy left by a crashed create (no writer holds it)"))
+        return out
+
+    def usage(self) -> Usage:
+        """The backing directory's filesystem, and the counts from the volume and snapshot records."""
+        out = super().usage()
+        try:
+            st = os.statvfs(self.options.directory)
+            out.total_bytes = st.f_blocks * st.f_frsize
+        except OSError as e:
+            out.problems.append(f"total_bytes: {e}")
+        return out
+
+
+def _flock_held(path: str) -> bool:
+    """Whether some process holds a lock on `path`, read from /proc/locks: looking must not take the lock itself
+    (a writer starting at that instant would then meet it and answer ABORTED)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            locks = f.read().split("\n")
+    except OSError:
+        return False
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(want in line.split() for line in locks)
 
 
 BACKEND = FileBackend

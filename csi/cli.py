@@ -26,20 +26,43 @@ def _serve(args: argparse.Namespace) -> int:
         for p in e.problems:
             print(f"  {p}", file=sys.stderr)
         return 2
-    if args.metrics_address:
-        from prometheus_client import start_http_server
-        host, _, port = args.metrics_address.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0")
     try:
         srv = build(config, args.endpoint, _node_name(args.node_id), args.mode)
     except EndpointError as e:
         print(f"tessera-csi: {e}", file=sys.stderr)
         return 2
+    if args.metrics_address:
+        _serve_http(args, config, srv.backends)
     backends = ", ".join(f"{n}({c.type})" for n, c in config.backends.items())
     print(f"tessera-csi: serving CSI on {args.endpoint} (mode {args.mode}, driver {config.driver_name}, "
           f"backends {backends})", flush=True)
     serve_forever(srv)
     return 0
+
+
+def _serve_http(args: argparse.Namespace, config, backends) -> None:
+    """/metrics (with the backends' usage gauges), /healthz and /readyz on --metrics-address."""
+    from . import health, http_endpoints, usage_metrics
+    controller, node = args.mode in ("all", "controller"), args.mode in ("all", "node")
+    records = os.path.join(config.state_dir, "node", "staged") if node else None
+    usage_metrics.register(usage_metrics.UsageCollector(backends, records, args.usage_interval, controller)).start()
+    http_endpoints.serve(args.metrics_address, lambda: health.probe(backends, controller, node))
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .registry import Backends
+    try:
+        config = load_config(args.config, args.state_dir)
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"{e.source}: {p}", file=sys.stderr)
+        return 2
+    backends = Backends(config, _node_name(args.node_id))
+    try:
+        return args.inspect(config, backends, args)
+    finally:
+        backends.close()
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -55,6 +78,16 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 1.0 <= value <= 86400.0:
+        raise argparse.ArgumentTypeError(f"{text} seconds: between 1 and 86400")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tessera-csi", description="Tessera CSI storage driver")
     p.add_argument("--version", action="version", version=f"tessera-csi {constants.VENDOR_VERSION}")
@@ -67,7 +100,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--node-id", default=None, help="node name (default $NODE_NAME or the hostname)")
     s.add_argument("--state-dir", default=None, help=f"state directory (default {constants.DEFAULT_STATE_DIR})")
     s.add_argument("--mode", default="all", choices=["all", "controller", "node"])
-    s.add_argument("--metrics-address", default=None, help="HOST:PORT for Prometheus /metrics")
+    s.add_argument("--metrics-address", default=None,
+                   help="HOST:PORT for Prometheus /metrics and the /healthz and /readyz probes")
+    s.add_argument("--usage-interval", type=_positive_seconds, default=30.0,
+                   help="seconds between refreshes of the backends' capacity and count gauges")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="text: a prefixed line per record; json: one JSON object per line, C libraries' stderr "
@@ -78,6 +114,12 @@ def parser() -> argparse.ArgumentParser:
     v = csub.add_parser("validate", help="check a config file and list every problem")
     v.add_argument("file")
     v.set_defaults(func=_validate)
+    from .inspect_cli import add_parser as add_inspect
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=None, help="the plugin's YAML config (default as for serve)")
+    common.add_argument("--state-dir", default=None, help="state directory (node records)")
+    common.add_argument("--node-id", default=None, help="node name (default $NODE_NAME or the hostname)")
+    add_inspect(sub, common)
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=lambda a: print(f"tessera-csi {constants.VENDOR_VERSION}") or 0)
     return p
@@ -85,6 +127,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "inspect", None) is not None:
+        return _inspect(args)
     return args.func(args)
 
 

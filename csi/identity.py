@@ -1,20 +1,15 @@
 """CSI Identity service."""
 from __future__ import annotations
 
-import json
-import logging
-
 from google.protobuf.wrappers_pb2 import BoolValue
-
-from backends.errors import TesseraError
 
 from . import constants
 from ._pb import csi_pb2 as pb
 from ._pb import csi_pb2_grpc as rpc
+from .health import probe
 from .registry import Backends
 
 _Svc = pb.PluginCapability.Service
-log = logging.getLogger(__name__)
 
 
 class IdentityService(rpc.IdentityServicer):
@@ -40,16 +35,6 @@ class IdentityService(rpc.IdentityServicer):
         return pb.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, request, context):
-        """Ready when every backend answers the probes of the services this process serves: the controller's
-        (storage reachable) and/or the node's (this node can attach). A failure is logged and reported as not ready."""
-        for b in self.backends:
-            try:
-                if self.controller:
-                    b.probe()
-                if self.node:
-                    b.node_probe()
-            except TesseraError as e:
-                log.warning('{"event": "probe", "backend": "%s", "ready": false, "message": %s}', b.name,
-                            json.dumps(str(e)))
-                return pb.ProbeResponse(ready=BoolValue(value=False))
-        return pb.ProbeResponse(ready=BoolValue(value=True))
+        """Ready when every backend answers the probes of the services this process serves (csi.health: the same
+        check answers the HTTP /healthz and /readyz)."""
+        return pb.ProbeResponse(ready=BoolValue(value=probe(self.backends, self.controller, self.node) is None))
