@@ -31,7 +31,7 @@ from typing import Iterable, Mapping, Optional
 from pydantic import Field, field_validator, model_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
-                   SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
+                   Orphan, SINGLE_NODE_MODES, Snapshot, Usage, Volume, object_uuid)
 from .errors import (BackendUnavailable, CapacityExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TesseraError,
                      Unsupported)
 from .errors import listing
@@ -381,5 +381,49 @@ class LvmBackend(Backend):
     def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
         """Nothing to do: lvextend resizes the device-mapper table in this same kernel."""
 
+
+
+    def orphans(self) -> list[Orphan]:
+        """This backend's LVs whose create never finished (still tagged pending: a retry of that create removes and
+        redoes it), and LVs with Tessera's name prefix but without its tags (made by hand, or tags lost)."""
+        out: list[Orphan] = []
+        for lv in self.lvm.list():
+            if not self._mine(lv) or not lv.name.startswith((VOLUME_PREFIX, SNAPSHOT_PREFIX)):
+                continue
+            f = lv.fields(NS)
+            where = f"{lv.vg}/{lv.name}"
+            if f.get("state") == "pending":
+                out.append(Orphan(where, f"{f.get('kind', 'object')} {f.get('name', '')!r} whose create did not "
+                                         "finish (tagged pending); retrying that create removes and redoes it"))
+            elif "kind" not in f or "name" not in f:
+                out.append(Orphan(where, "LV with Tessera's name prefix but without its tags (no request name)"))
+        return out
+
+    def usage(self) -> Usage:
+        """The VG's size and free space (thick) or the thin pool's size and room under overcommitRatio (thin), the
+        counts from one `lvs`, and for a thin pool its data and metadata use: a pool whose data or metadata reaches
+        100 % stops every thin LV in it, so operators alert well before."""
+        out = Usage()
+        try:
+            lvs = self.lvm.list()
+            mine = [lv for lv in lvs if self._mine(lv)]
+            out.volumes = sum(1 for lv in mine if lv.name.startswith(VOLUME_PREFIX))
+            out.snapshots = sum(1 for lv in mine if lv.name.startswith(SNAPSHOT_PREFIX))
+            if self.thin:
+                pool = next((lv for lv in lvs if lv.name == self.options.thinPool and lv.is_thin_pool), None)
+                if pool is None:
+                    out.problems.append(f"thin pool {self.lvm.vg}/{self.options.thinPool} not found")
+                else:
+                    out.gauges["thin_data_percent"] = pool.data_percent
+                    out.gauges["thin_metadata_percent"] = pool.metadata_percent
+                    out.total_bytes = int(pool.size * self.options.overcommitRatio)
+                    used = sum(lv.size for lv in lvs if lv.pool == self.options.thinPool)
+                    out.free_bytes = max(0, out.total_bytes - used)
+            else:
+                vg = self.lvm.vg_info()
+                out.total_bytes, out.free_bytes = vg.size, vg.free
+        except Exception as e:  # noqa: BLE001 - reported as a problem, never raised into the metrics thread
+            out.problems.append(f"lvm: {e}")
+        return out
 
 BACKEND = LvmBackend

@@ -115,6 +115,7 @@ class LvInfo:
     segtype: str = ""
     data_percent: float = 0.0
     path: str = ""
+    metadata_percent: float = 0.0  # thin pools only: how full the pool's metadata LV is
 
     @property
     def active(self) -> bool:
@@ -155,7 +156,8 @@ class VgInfo:
     free_count: int
 
 
-LVS_FIELDS = "lv_name,vg_name,lv_size,lv_attr,lv_tags,pool_lv,origin,segtype,data_percent,lv_path"
+LVS_FIELDS = ("lv_name,vg_name,lv_size,lv_attr,lv_tags,pool_lv,origin,segtype,data_percent,lv_path,"
+              "metadata_percent")
 VGS_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size,vg_extent_count,vg_free_count"
 
 
@@ -191,7 +193,8 @@ def parse_lvs(text: str) -> list[LvInfo]:
         out.append(LvInfo(name=r["lv_name"], vg=r.get("vg_name", ""), size=_int(r.get("lv_size")),
                           attr=r.get("lv_attr", ""), tags=tags, pool=r.get("pool_lv", "") or "",
                           origin=r.get("origin", "") or "", segtype=r.get("segtype", "") or "",
-                          data_percent=_float(r.get("data_percent")), path=r.get("lv_path", "") or ""))
+                          data_percent=_float(r.get("data_percent")), path=r.get("lv_path", "") or "",
+                          metadata_percent=_float(r.get("metadata_percent"))))
     return out
 
 
