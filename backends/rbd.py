@@ -7,10 +7,17 @@ Layout (all in the volume's pool):
 
 Why snapshots are images: a plain RBD snapshot pins its image, so DeleteVolume of a volume with snapshots would
 fail or leave the volume behind. As a clone (clone v2, which the cluster allows from `min compat client mimic` on),
-the snapshot image only depends on the source through a snapshot in the RBD trash namespace; deleting the source
-flattens its dependants first (they become self-contained) and then removes it. Deleting a snapshot does the same
-for the volumes restored from it. Clones and restores are clones too, flattened when the parent chain gets longer
-than `cloneDepthLimit` (long chains make reads slow), or always with `flattenPolicy: always`.
+the snapshot image only depends on the source through a snapshot in the RBD trash namespace. Deleting a source with
+dependants moves it to the RBD trash (its name is free at once, its dependants keep reading through it) and a
+background job flattens the dependants and then purges it: DeleteVolume never waits on a full copy. Deleting a
+snapshot does the same for the volumes restored from it. Clones and restores are clones too. A chain deeper than
+`cloneDepthLimit` (soft) is flattened in the background (a snapshot reports ready_to_use=false until then); a
+create whose chain would pass `cloneDepthHardLimit` answers ABORTED while its source is flattened
+(`backends/rbd_flatten.py`). Clusters that allow only clone v1 (require-min-compat-client below mimic) get
+FAILED_PRECONDITION naming the command that lifts the limit.
+
+Concurrency across controller replicas: every create, clone, snapshot, delete and expand holds RADOS lease locks on
+the images it touches (`backends/rbd_locks.py`); the loser of a race gets ABORTED naming the holder.
 
 Idempotency and crash safety: names are deterministic; the request name, parameters and source are stored as image
 metadata (`tessera.*`), all keys in one atomic write once the image is complete: the commit point. An image
@@ -42,8 +49,11 @@ from pydantic import Field, model_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
                    SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
-from .errors import (Aborted, BackendUnavailable, CapacityExceeded, DeadlineExceeded, FailedPrecondition, Internal,
-                     InUse, InvalidArgument, NotFound, OutOfRange, PermissionDenied, TesseraError)
+from .errors import (Aborted, AlreadyExists, BackendUnavailable, CapacityExceeded, DeadlineExceeded, FailedPrecondition,
+                     Internal, InUse, InvalidArgument, NotFound, OutOfRange, PermissionDenied, TesseraError)
+from .locking import Claim, LockProvider, Operation
+from .rbd_flatten import RETRY, BackgroundJobs
+from .rbd_locks import LeaseLocks, RadosLockProvider
 from .errors import listing, shown
 from .util import CommandError, run
 
@@ -58,6 +68,11 @@ MOUNTERS = ("krbd", "nbd", "fuse")
 PARAMS = ("pool", "dataPool", "imageFeatures", "mounter", "stripeUnit", "stripeCount")
 POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 IMAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # a safe subset of Ceph's (no '/', '@', spaces)
+# Ceph releases in order, for require-min-compat-client: clone v2 (what snapshots and clones here are) needs mimic.
+RELEASES = ("argonaut", "bobtail", "cuttlefish", "dumpling", "emperor", "firefly", "giant", "hammer", "infernalis",
+            "jewel", "kraken", "luminous", "mimic", "nautilus", "octopus", "pacific", "quincy", "reef", "squid",
+            "tentacle")
+CLONE_V2_FIX = "ceph osd set-require-min-compat-client mimic"
 SECRET_USER = "userID"
 SECRET_KEY = "userKey"
 # librbd refuses an object map over 256,000,000 objects (cls_rbd's MAX_OBJECT_MAP_OBJECT_COUNT); Tessera creates
@@ -81,8 +96,13 @@ class RbdOptions(BackendOptions):
     stripeUnit: Optional[int] = Field(None, gt=0)
     stripeCount: Optional[int] = Field(None, gt=0)
     mounter: Literal["krbd", "nbd", "fuse"] = "krbd"
-    cloneDepthLimit: int = Field(4, ge=1, le=16, description="flatten a clone whose parent chain exceeds this")
+    cloneDepthLimit: int = Field(4, ge=1, le=16, description="soft limit: a clone or snapshot whose parent chain is "
+                                 "deeper is flattened in the background")
+    cloneDepthHardLimit: int = Field(8, ge=1, le=32, description="hard limit: a create whose chain would be deeper "
+                                     "answers ABORTED while its source is flattened in the background")
     flattenPolicy: Literal["depth", "always"] = "depth"
+    lockLease: int = Field(30, ge=1, le=600, description="seconds an operation lock outlives a crashed controller "
+                           "replica (live holders renew it every third of this)")
     connectTimeout: float = Field(10.0, gt=0, description="seconds to reach a mon before UNAVAILABLE")
     opTimeout: float = Field(30.0, gt=0, description="seconds for one mon/OSD operation before DEADLINE_EXCEEDED")
     logFile: str = Field("", description="librados/librbd log file; empty: no file logging")
@@ -97,6 +117,9 @@ class RbdOptions(BackendOptions):
             if not POOL_RE.match(p):
                 raise ValueError(f"pool name {p!r}: letters, digits, '_' and '-' only")
         _feature_bits(self.imageFeatures, ValueError)
+        if self.cloneDepthHardLimit < self.cloneDepthLimit:
+            raise ValueError(f"cloneDepthHardLimit ({self.cloneDepthHardLimit}) must not be below cloneDepthLimit "
+                             f"({self.cloneDepthLimit})")
         return self
 
 
@@ -126,6 +149,10 @@ class _Conn:
         self.user = user
         self.ioctxs: dict[str, Any] = {}
         self.lock = threading.Lock()
+        self.clone_v2: Optional[bool] = None  # learnt on first clone; a refusal is re-checked after a minute
+        self.clone_v2_checked = 0.0
+        self.min_compat = ""
+        self.resumed = False
 
     def ioctx(self, pool: str) -> Any:
         import rados
@@ -156,6 +183,11 @@ class RbdBackend(Backend):
         super().__init__(name, options, runtime)
         self._conns: dict[tuple[str, str, str], _Conn] = {}
         self._conns_lock = threading.Lock()
+        self._leases = LeaseLocks(name, self.options.lockLease)
+        self._jobs = BackgroundJobs(name)
+        self._used_pools: dict[str, None] = dict.fromkeys([self.options.pool, *self.options.extraPools])
+        self._provider: Optional[RadosLockProvider] = None
+        self._flattening: set[tuple[str, str]] = set()  # (pool, image) a background job has open right now
 
     # ---- facts --------------------------------------------------------------------------------------------
     def features(self) -> Features:
@@ -219,7 +251,10 @@ class RbdBackend(Backend):
         conf = {"client_mount_timeout": str(int(max(1, o.connectTimeout))),
                 "rados_mon_op_timeout": str(int(max(1, o.opTimeout))),
                 "rados_osd_op_timeout": str(int(max(1, o.opTimeout))),
-                "log_to_stderr": "false", "err_to_stderr": "false", "log_file": o.logFile}
+                "log_to_stderr": "false", "err_to_stderr": "false", "log_file": o.logFile,
+                # Clone v2 only, never librbd's v1 fallback: _require_clone_v2 checks the cluster allows it first,
+                # and librbd's failed v1 attempt on an unprotected snapshot has crashed the process (pacific).
+                "rbd_default_clone_format": "2"}
         if o.monitors:
             conf["mon_host"] = ",".join(o.monitors)
         if key:
@@ -309,10 +344,180 @@ class RbdBackend(Backend):
                                      "this node (ceph-common / rbd-nbd / rbd-fuse)")
 
     def close(self) -> None:
+        if not self._jobs.close():
+            log.warning("rbd backend %s: a background flatten is still running at shutdown; its connection is left "
+                        "to the process exit (the flatten resumes through the next request that needs it)", self.name)
+            return
         with self._conns_lock:
             conns, self._conns = list(self._conns.values()), {}
         for c in conns:
             c.close()
+
+    # ---- operation locks across replicas, idempotency across pools --------------------------------------
+    def _has_own_credentials(self) -> bool:
+        o = self.options
+        return bool(o.key or o.keyringPath or o.cephConf)
+
+    def operation_lock_provider(self) -> Optional[LockProvider]:
+        """RADOS lease locks in the default pool (backends/rbd_locks.py), taken with the configured credentials;
+        without any (keys only per StorageClass secret) the locks hold within this process only."""
+        if not self._has_own_credentials():
+            return None
+        if self._provider is None:
+            self._provider = RadosLockProvider(self._leases, lambda: self._conn({}).ioctx(self.options.pool),
+                                               lambda what: self._ceph(what), self._image_for_name)
+        return self._provider
+
+    def claim_controller(self) -> None:
+        if not self._has_own_credentials():
+            log.warning("rbd backend %s has no configured credentials (keyringPath, key or cephConf): operation "
+                        "locks hold within this controller process only, not across replicas", self.name)
+
+    def _image_for_name(self, kind: str, name: str) -> str:
+        if kind == "snapshot":
+            return SNAP_PREFIX + object_uuid(self.runtime.driver_name, "snapshot/" + name)
+        return VOL_PREFIX + object_uuid(self.runtime.driver_name, name)
+
+    def local_id_for_name(self, kind: Literal["volume", "snapshot"], name: str,
+                          parameters: Mapping[str, str]) -> Optional[str]:
+        # A snapshot lives in its source volume's pool, unknown here; the default pool stands in, which is enough
+        # for the cross-replica lock, keyed by image name alone (rbd_locks.object_key).
+        pool = parameters.get("pool", self.options.pool) if kind == "volume" else self.options.pool
+        return f"{pool}.{self._image_for_name(kind, name)}"
+
+    def find_by_name(self, name: str, secrets: Mapping[str, str]) -> Optional[Volume]:
+        """The committed volume of `name` in any pool this backend is configured for or has created in: one stat of
+        the image's id object per pool."""
+        import rados
+        image = self._image_for_name("volume", name)
+        conn = self._conn(secrets)
+        for pool in list(self._used_pools):
+            with self._ceph(f"look for volume {name!r} in pool {pool}", conn):
+                try:
+                    io = conn.ioctx(pool)
+                except NotFound:
+                    continue
+                try:
+                    io.stat(f"rbd_id.{image}")
+                except rados.ObjectNotFound:
+                    continue
+                img = self._open(conn, pool, image)
+                if img is None:
+                    continue
+                with img:
+                    meta = self._meta(img)
+                    if "name" in meta:
+                        return self._volume_of(pool, image, img, meta)
+        return None
+
+    # ---- clone v2 -----------------------------------------------------------------------------------------
+    def _require_clone_v2(self, conn: _Conn, what: str) -> None:
+        """FailedPrecondition when the cluster allows only clone v1 (require-min-compat-client below mimic), where
+        librbd would refuse every clone of an unprotected snapshot with EINVAL. Learnt once per connection (the
+        connection is made with clone format 2 forced, so this check is what keeps v2 clones off such a cluster); a
+        refusal is checked again after a minute, so the operator's fix takes effect without a restart."""
+        now = time.monotonic()
+        if conn.clone_v2 is None or (conn.clone_v2 is False and now - conn.clone_v2_checked > 60):
+            ret, out, _ = conn.rados.mon_command(json.dumps({"prefix": "osd dump", "format": "json"}), b"",
+                                                 timeout=int(self.options.opTimeout))
+            if ret != 0:
+                conn.clone_v2 = True  # cannot tell (caps): try clones, whose EINVAL _clone maps the same way
+                return
+            conn.min_compat = str(json.loads(out).get("require_min_compat_client", ""))
+            conn.clone_v2_checked = now
+            conn.clone_v2 = conn.min_compat not in RELEASES or RELEASES.index(conn.min_compat) >= RELEASES.index("mimic")
+        if conn.clone_v2 is False:
+            raise FailedPrecondition(
+                f"{what}: this Ceph cluster allows only clone format v1 (require-min-compat-client is "
+                f"{conn.min_compat}); snapshots and clones need clone v2: once every client is mimic or newer, run "
+                f"`{CLONE_V2_FIX}`")
+
+    # ---- background flattens --------------------------------------------------------------------------------
+    def _claim_key(self, pool: str, image: str) -> str:
+        kind = "snapshot" if image.startswith(SNAP_PREFIX) else "volume"
+        return f"{kind}/{self.name}:{pool}.{image}"
+
+    def _queue_flatten(self, secrets: Mapping[str, str], pool: str, image: str) -> None:
+        self._jobs.submit(f"flatten {pool}/{image}", lambda: self._flatten_job(dict(secrets), pool, image))
+
+    def _flatten_job(self, secrets: Mapping[str, str], pool: str, image: str) -> object:
+        """Flatten one image, holding a shared claim on it (a delete of it meanwhile is ABORTED, naming this)."""
+        import rbd
+        provider = self.operation_lock_provider()
+        try:
+            with contextlib.ExitStack() as stack:
+                if provider is not None:
+                    stack.enter_context(provider.hold(Operation("background flatten", f"{self.name}:{pool}.{image}"),
+                                                      [Claim(self._claim_key(pool, image), False)]))
+                conn = self._conn(secrets)
+                with self._ceph(f"flatten {pool}/{image}", conn):
+                    self._flattening.add((pool, image))
+                    try:
+                        img = self._open(conn, pool, image, read_only=False)
+                        if img is None:
+                            return None
+                        with img:
+                            try:
+                                img.parent_id()
+                            except rbd.ImageNotFound:
+                                return None  # flat already
+                            log.info("flattening %s/%s in the background", pool, image)
+                            img.flatten()
+                            log.info("flattened %s/%s", pool, image)
+                    finally:
+                        self._flattening.discard((pool, image))
+        except Aborted as e:
+            log.info("flatten of %s/%s waits: %s", pool, image, e)
+            return RETRY
+        return None
+
+    def _queue_purge(self, secrets: Mapping[str, str], pool: str, image_id: str, name: str) -> None:
+        self._jobs.submit(f"purge {pool}/{image_id}", lambda: self._purge_job(dict(secrets), pool, image_id, name))
+
+    def _purge_job(self, secrets: Mapping[str, str], pool: str, image_id: str, name: str) -> object:
+        """Finish deleting a trashed image: flatten its dependants, then remove it from the trash."""
+        import rbd
+        conn = self._conn(secrets)
+        with self._ceph(f"purge deleted {pool}/{name}", conn):
+            io = conn.ioctx(pool)
+            try:
+                with rbd.Image(io, image_id=image_id, read_only=True) as img:
+                    children = list(img.list_children2())
+            except rbd.ImageNotFound:
+                return None
+            waiting = False
+            for ch in children:
+                if ch.get("trash"):  # a deleted dependant: its own purge must finish first
+                    self._queue_purge(secrets, ch["pool"], ch["id"], ch["image"])
+                    waiting = True
+                elif self._flatten_job(secrets, ch["pool"], ch["image"]) is RETRY:
+                    waiting = True
+            if waiting:
+                return RETRY
+            try:
+                _trash_remove(io, image_id)
+            except rbd.ImageHasSnapshots:
+                return RETRY  # a trashed snapshot goes away once its last clone is flattened
+            log.info("purged deleted image %s/%s (trash id %s)", pool, name, image_id)
+        return None
+
+    def _resume(self, conn: _Conn, secrets: Mapping[str, str]) -> None:
+        """Once per connection: queue the purge of images a DeleteVolume moved to the trash before this process
+        (or another replica) finished them (one trash listing per pool)."""
+        import rbd
+        if conn.resumed:
+            return
+        conn.resumed = True
+        for pool in list(self._used_pools):
+            try:
+                with self._ceph(f"list the trash of pool {pool}", conn):
+                    entries = list(rbd.RBD().trash_list(conn.ioctx(pool)))
+            except TesseraError as e:
+                log.warning("cannot resume deletions in pool %s: %s", pool, e)
+                continue
+            for t in entries:
+                if t.get("name", "").startswith(("tessera-vol-", "tessera-snap-")) and t.get("source") == "USER":
+                    self._queue_purge(secrets, pool, t["id"], t["name"])
 
     # ---- ids and metadata ---------------------------------------------------------------------------------
     @staticmethod
@@ -356,40 +561,68 @@ class RbdBackend(Backend):
                       context=self._context(pool, name, params.get("mounter", self.options.mounter)),
                       parameters=params, source=source, abnormal=abnormal, condition_message=message)
 
-    def _snapshot_of(self, pool: str, name: str, img: Any, meta: dict[str, str]) -> Snapshot:
+    def _snapshot_of(self, pool: str, name: str, img: Any, meta: dict[str, str], ready: bool = True) -> Snapshot:
         return Snapshot(local_id=f"{pool}.{name}", source_volume_local_id=meta.get("source_volume", ""),
-                        size_bytes=img.size(), creation_time=float(meta.get("created", "0")), ready_to_use=True,
+                        size_bytes=img.size(), creation_time=float(meta.get("created", "0")), ready_to_use=ready,
                         name=meta.get("name", ""))
+
+    def _snap_ready(self, conn: _Conn, img: Any) -> bool:
+        """A snapshot image is usable once its chain is within the soft depth limit (flat with `always`)."""
+        import rbd
+        try:
+            img.parent_id()
+        except rbd.ImageNotFound:
+            return True
+        if self.options.flattenPolicy == "always":
+            return False
+        return self._depth(conn, img) <= self.options.cloneDepthLimit
+
+    def _deep(self, depth: int) -> bool:
+        return self.options.flattenPolicy == "always" or depth > self.options.cloneDepthLimit
 
     # ---- building blocks ----------------------------------------------------------------------------------
     def _clone(self, conn: _Conn, parent_pool: str, parent: str, pool: str, child: str, features: int,
-               data_pool: Optional[str], stripe: tuple[Optional[int], Optional[int]]) -> None:
+               data_pool: Optional[str], stripe: tuple[Optional[int], Optional[int]], what: str) -> None:
         """Clone `parent` (its current content) into `child` through an RBD snapshot named after the child; the
-        snapshot is removed at once (clone v2 keeps it in the trash namespace while the child needs it)."""
+        snapshot is removed at once (clone v2 keeps it in the trash namespace while the child needs it). The
+        caller holds a shared claim on the parent, so no delete of it removes that snapshot meanwhile."""
         import rbd
+        self._require_clone_v2(conn, what)
         pio = conn.ioctx(parent_pool)
         with rbd.Image(pio, parent) as p:
             if child not in _user_snaps(p):
                 p.create_snap(child)
-        rbd.RBD().clone(pio, parent, child, conn.ioctx(pool), child, features=features, data_pool=data_pool,
-                        stripe_unit=stripe[0], stripe_count=stripe[1])
+        try:
+            rbd.RBD().clone(pio, parent, child, conn.ioctx(pool), child, features=features, data_pool=data_pool,
+                            stripe_unit=stripe[0], stripe_count=stripe[1])
+        except rbd.InvalidArgument:
+            with rbd.Image(pio, parent) as p, contextlib.suppress(rbd.ImageNotFound):
+                p.remove_snap(child)
+            conn.clone_v2 = None
+            self._require_clone_v2(conn, what)
+            raise FailedPrecondition(f"{what}: ceph refused the clone (EINVAL); this driver needs clone format v2: "
+                                     f"check that `ceph osd get-require-min-compat-client` says mimic or newer "
+                                     f"(`{CLONE_V2_FIX}`) and that rbd_default_clone_format is not 1") from None
         with rbd.Image(pio, parent) as p:
             p.remove_snap(child)
 
     def _depth(self, conn: _Conn, img: Any) -> int:
+        """How many parents the image has (parents are opened by id: a deleted one waits in the trash)."""
         import rbd
         depth = 0
         cur = img
         opened: list[Any] = []
         try:
-            while True:
+            while depth < 64:
                 try:
                     spec = cur.get_parent_image_spec()
+                    parent_id = cur.parent_id()
                 except rbd.ImageNotFound:
                     return depth
                 depth += 1
-                cur = rbd.Image(conn.ioctx(spec["pool_name"]), spec["image_name"], read_only=True)
+                cur = rbd.Image(conn.ioctx(spec["pool_name"]), image_id=parent_id, read_only=True)
                 opened.append(cur)
+            return depth
         finally:
             for o in opened:
                 o.close()
@@ -433,9 +666,10 @@ class RbdBackend(Backend):
                 log.warning("finishing the interrupted removal of %s/%s (trash id %s)", pool, name, image_id)
                 _trash_remove(io, image_id)
 
-    def _remove(self, conn: _Conn, pool: str, name: str, what: str) -> None:
-        """Remove an image; first make every clone of it self-contained (flatten), so that snapshots of a deleted
-        volume, and volumes restored from a deleted snapshot, keep their data."""
+    def _remove(self, conn: _Conn, pool: str, name: str, what: str, secrets: Mapping[str, str] = {}) -> None:
+        """Remove an image. One with dependants (snapshots of a deleted volume, volumes restored from a deleted
+        snapshot) goes to the RBD trash instead, where they keep reading through it, and a background job flattens
+        them and then purges it: no full copy inside the RPC."""
         import rbd
         try:  # fast path: no dependants, no leftovers
             rbd.RBD().remove(conn.ioctx(pool), name)
@@ -445,26 +679,28 @@ class RbdBackend(Backend):
             self._forget_stale(conn, pool, name)
             return
         except rbd.ImageBusy:
-            raise InUse(f"{what} is still in use (mapped or open on a node: it has watchers); unstage it first") from None
+            self._busy(pool, name, what)
         except rbd.ImageHasSnapshots:
             pass
         img = self._open(conn, pool, name, read_only=False)
         if img is None:
             return
         with img:
-            for child in img.list_children2():
-                if child.get("trash"):
-                    continue
-                cio = conn.ioctx(child["pool"])
-                try:
-                    with rbd.Image(cio, child["image"]) as c:
-                        log.info("flattening %s/%s before removing its parent %s/%s", child["pool"], child["image"],
-                                 pool, name)
-                        c.flatten()
-                except rbd.ImageNotFound:
-                    pass
-            for snap in _user_snaps(img):  # leftovers of a clone interrupted by a crash
+            children = list(img.list_children2())
+            # Leftovers of a clone interrupted by a crash: a clone in flight holds a shared claim on this image,
+            # which the caller's exclusive claim excludes, so every user snapshot here is a leftover.
+            for snap in _user_snaps(img):
                 img.remove_snap(snap)
+            image_id = img.id()
+        if children:
+            try:
+                rbd.RBD().trash_move(conn.ioctx(pool), name)
+            except rbd.ImageBusy:
+                self._busy(pool, name, what)
+            log.info("moved %s/%s to the trash; its %d dependant(s) are flattened in the background, then it is "
+                     "purged", pool, name, len(children))
+            self._queue_purge(secrets, pool, image_id, name)
+            return
         for attempt in range(50):
             try:
                 rbd.RBD().remove(conn.ioctx(pool), name)
@@ -476,11 +712,17 @@ class RbdBackend(Backend):
             except rbd.ImageHasSnapshots:
                 time.sleep(0.05)  # a trashed snapshot goes away once its last clone is flattened
             except rbd.ImageBusy:
-                raise InUse(f"{what} is still in use (mapped or open on a node: it has watchers); "
-                            f"unstage it first") from None
+                self._busy(pool, name, what)
         raise InUse(f"{what} still has snapshots that could not be removed")
 
     # ---- volumes ------------------------------------------------------------------------------------------
+    def _busy(self, pool: str, name: str, what: str) -> None:
+        """Raise for an image that has watchers: our own background flatten (ABORTED: retry once it is done), or a
+        node that still has it mapped (FAILED_PRECONDITION)."""
+        if (pool, name) in self._flattening:
+            raise Aborted(f"{what}: a background flatten of it is running in this controller; retry shortly")
+        raise InUse(f"{what} is still in use (mapped or open on a node: it has watchers); unstage it first")
+
     def _open_ok(self, conn: _Conn, pool: str, name: str) -> bool:
         img = self._open(conn, pool, name)
         if img is None:
@@ -489,7 +731,7 @@ class RbdBackend(Backend):
         return True
 
     def _existing(self, conn: _Conn, pool: str, name: str, what: str,
-                  reuse: Optional[tuple[int, int]] = None) -> Optional[Volume]:
+                  reuse: Optional[tuple[int, int]] = None, secrets: Mapping[str, str] = {}) -> Optional[Volume]:
         """The committed volume under `name`, or None. An uncommitted image (an interrupted create nobody has
         seen) is kept when `reuse` = (size, features) matches it and it has no parent — the caller commits it;
         otherwise it is removed. Reusing avoids a remove, which a second crash could itself interrupt."""
@@ -513,7 +755,7 @@ class RbdBackend(Backend):
                     return None
         log.warning("removing unfinished image %s/%s left by an interrupted create", pool, name)
         try:
-            self._remove(conn, pool, name, what)
+            self._remove(conn, pool, name, what, secrets)
         except InUse:
             # The process that was creating it died with the image open; the OSDs drop its watch after
             # `osd client watch timeout` (30 s by default). Until then, ask the CO to come back.
@@ -530,6 +772,8 @@ class RbdBackend(Backend):
         meta = {"kind": "volume", "parameters": json.dumps(dict(spec.parameters), sort_keys=True), "name": spec.name}
         with self._ceph(f"create {what}", conn):
             io = conn.ioctx(pool)
+            self._used_pools.setdefault(pool, None)
+            self._resume(conn, spec.secrets)
             features = _feature_bits(p["imageFeatures"].split(",") if "imageFeatures" in p
                                      else self.options.imageFeatures)
             data_pool = p.get("dataPool", self.options.dataPool)
@@ -544,7 +788,7 @@ class RbdBackend(Backend):
                                          stripe_unit=stripe[0], stripe_count=stripe[1])
                         break
                     except rbd.ImageExists:
-                        found = self._existing(conn, pool, name, what, reuse=(size, features))
+                        found = self._existing(conn, pool, name, what, reuse=(size, features), secrets=spec.secrets)
                         if found is not None:
                             return found
                         if self._open_ok(conn, pool, name):
@@ -553,7 +797,7 @@ class RbdBackend(Backend):
                 return Volume(local_id=f"{pool}.{name}", capacity_bytes=size, name=spec.name,
                               context=self._context(pool, name, p.get("mounter", self.options.mounter)),
                               parameters=dict(spec.parameters))
-            found = self._existing(conn, pool, name, what)
+            found = self._existing(conn, pool, name, what, secrets=spec.secrets)
             if found is not None:
                 return found
             prefix = SNAP_PREFIX if spec.source.kind == "snapshot" else VOL_PREFIX
@@ -565,20 +809,28 @@ class RbdBackend(Backend):
                 raise NotFound(f"source {spec.source.kind} {self.name}:{spec.source.local_id} does not exist")
             with src:
                 src_size = src.size()
+                depth = self._depth(conn, src) + 1
+            if depth > self.options.cloneDepthHardLimit:
+                assert parsed is not None
+                self._queue_flatten(spec.secrets, *parsed)
+                raise Aborted(f"{what}: a clone of {spec.source.kind} {self.name}:{spec.source.local_id} would sit on "
+                              f"a chain of {depth} images, past cloneDepthHardLimit "
+                              f"({self.options.cloneDepthHardLimit}); the source is being flattened in the "
+                              f"background: retry shortly")
             if size < src_size:
                 if spec.limit_bytes and src_size > spec.limit_bytes:
                     raise OutOfRange(f"the source {spec.source.kind} ({src_size} bytes) is larger than "
                                      f"limit_bytes {spec.limit_bytes}")
                 size = src_size  # no explicit size asked beyond the source's: take the source's size
             assert parsed is not None
-            self._clone(conn, parsed[0], parsed[1], pool, name, features, data_pool, stripe)
-            with rbd.Image(io, name) as img:
-                if size > src_size:
+            self._clone(conn, parsed[0], parsed[1], pool, name, features, data_pool, stripe, f"create {what}")
+            if size > src_size:
+                with rbd.Image(io, name) as img:
                     img.resize(size)
-                if self.options.flattenPolicy == "always" or self._depth(conn, img) > self.options.cloneDepthLimit:
-                    img.flatten()
             meta["source"] = f"{spec.source.kind}:{spec.source.local_id}"
             self._commit(io, name, meta)
+            if self._deep(depth):
+                self._queue_flatten(spec.secrets, pool, name)  # usable meanwhile: reads go through the chain
             with rbd.Image(io, name, read_only=True) as img:
                 return self._volume_of(pool, name, img, self._meta(img))
 
@@ -607,7 +859,8 @@ class RbdBackend(Backend):
                 conn.ioctx(parsed[0])
             except NotFound:
                 return
-            self._remove(conn, parsed[0], parsed[1], f"volume {self.name}:{local_id}")
+            self._resume(conn, secrets)
+            self._remove(conn, parsed[0], parsed[1], f"volume {self.name}:{local_id}", secrets)
 
     def get_volume(self, local_id: str, secrets: Mapping[str, str]) -> Volume:
         parsed = self._split(local_id, VOL_PREFIX)
@@ -658,10 +911,12 @@ class RbdBackend(Backend):
             ret, out, err = conn.rados.mon_command(json.dumps({"prefix": "df", "format": "json"}), b"",
                                                    timeout=int(self.options.opTimeout))
             if ret != 0:
-                raise BackendUnavailable(f"ceph df failed for pool {pool}: {err.strip() or ret}")
+                raise BackendUnavailable(f"GetCapacity needs a ceph-mgr (pool usage comes from it): `ceph df` for "
+                                         f"pool {pool} failed: {err.strip() or ret}")
             df = json.loads(out)
         if not df.get("stats", {}).get("total_bytes"):
-            raise BackendUnavailable("ceph reports no pool statistics yet (is a ceph-mgr running?)")
+            raise BackendUnavailable("GetCapacity needs a ceph-mgr: the cluster reports no pool statistics (no "
+                                     "ceph-mgr running, or it has not reported yet); start one and retry")
         for p in df.get("pools", []):
             if p.get("name") == pool:
                 return Capacity(available_bytes=int(p["stats"]["max_avail"]))
@@ -704,8 +959,11 @@ class RbdBackend(Backend):
                 with img:
                     meta = self._meta(img)
                     if "name" in meta:
-                        return self._snapshot_of(pool, sname, img, meta)
-                self._remove(conn, pool, sname, what)
+                        ready = self._snap_ready(conn, img)
+                        if not ready:
+                            self._queue_flatten(secrets, pool, sname)
+                        return self._snapshot_of(pool, sname, img, meta, ready)
+                self._remove(conn, pool, sname, what, secrets)
             src = self._open(conn, *parsed)
             if src is None:
                 raise NotFound(f"source volume {self.name}:{source_local_id} does not exist")
@@ -714,17 +972,18 @@ class RbdBackend(Backend):
                     raise NotFound(f"source volume {self.name}:{source_local_id} does not exist")
                 features = src.features() & _feature_bits(FEATURE_NAMES)
                 data_pool_id = src.data_pool_id()
+                depth = self._depth(conn, src) + 1
             data_pool = None
             if data_pool_id >= 0 and data_pool_id != conn.ioctx(pool).get_pool_id():
                 data_pool = conn.rados.pool_reverse_lookup(data_pool_id)
-            self._clone(conn, pool, parsed[1], pool, sname, features, data_pool, (None, None))
-            with rbd.Image(conn.ioctx(pool), sname) as s:
-                if self.options.flattenPolicy == "always" or self._depth(conn, s) > self.options.cloneDepthLimit:
-                    s.flatten()
+            self._clone(conn, pool, parsed[1], pool, sname, features, data_pool, (None, None), f"create {what}")
             self._commit(conn.ioctx(pool), sname, {"kind": "snapshot", "source_volume": source_local_id,
                                                     "created": repr(time.time()), "name": name})
+            deep = self._deep(depth)
+            if deep:  # ready_to_use=false until the background flatten makes it self-contained
+                self._queue_flatten(secrets, pool, sname)
             with rbd.Image(conn.ioctx(pool), sname, read_only=True) as s:
-                return self._snapshot_of(pool, sname, s, self._meta(s))
+                return self._snapshot_of(pool, sname, s, self._meta(s), not deep)
 
     def delete_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
         parsed = self._split(local_id, SNAP_PREFIX)
@@ -736,7 +995,8 @@ class RbdBackend(Backend):
                 conn.ioctx(parsed[0])
             except NotFound:
                 return
-            self._remove(conn, parsed[0], parsed[1], f"snapshot {self.name}:{local_id}")
+            self._resume(conn, secrets)
+            self._remove(conn, parsed[0], parsed[1], f"snapshot {self.name}:{local_id}", secrets)
 
     def get_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> Snapshot:
         parsed = self._split(local_id, SNAP_PREFIX)
@@ -751,11 +1011,21 @@ class RbdBackend(Backend):
                 meta = self._meta(img)
                 if "name" not in meta:
                     raise NotFound(f"snapshot {self.name}:{local_id} does not exist (unfinished create)")
-                return self._snapshot_of(parsed[0], parsed[1], img, meta)
+                ready = self._snap_ready(conn, img)
+                if not ready:
+                    self._queue_flatten(secrets, *parsed)
+                return self._snapshot_of(parsed[0], parsed[1], img, meta, ready)
 
     def list_snapshots(self, secrets: Mapping[str, str]) -> Iterable[Snapshot]:
-        return [self._snapshot_of(pool, n, img, meta)
-                for pool, n, img, meta in self._scan_materialized(secrets, SNAP_PREFIX)]
+        conn = self._conn(secrets)
+        out = []
+        for pool, n, img, meta in self._scan(secrets, SNAP_PREFIX):
+            with self._ceph(f"read {pool}/{n}", conn):
+                ready = self._snap_ready(conn, img)
+                if not ready:
+                    self._queue_flatten(secrets, pool, n)
+                out.append(self._snapshot_of(pool, n, img, meta, ready))
+        return out
 
     # ---- node ---------------------------------------------------------------------------------------------
     def _node_dir(self) -> str:

@@ -85,9 +85,10 @@ def test_fuse_attach_with_secrets_and_filesystem(ceph_cluster, state_dir, admin_
         assert run(["blkid", "-o", "value", "-s", "LABEL", att2.device]).stdout.strip() == "tessera-rbd"
     finally:
         b.node_detach(restored.local_id, att2)
+    from tests.ceph.rbdutil import until_done
     for lid in (restored.local_id, vol.local_id):
-        b.delete_volume(lid, secrets)
-    b.delete_snapshot(snap.local_id, secrets)
+        until_done(b.delete_volume, lid, secrets)
+    until_done(b.delete_snapshot, snap.local_id, secrets)  # ABORTED while the flatten its source's delete queued runs
     # the key file the node wrote for rbd-fuse is private
     keyfiles = [f for f in os.listdir(os.path.join(state_dir, "rbd", "ceph")) if f.startswith("key-")]
     assert keyfiles and all(os.stat(os.path.join(state_dir, "rbd", "ceph", f)).st_mode & 0o077 == 0 for f in keyfiles)

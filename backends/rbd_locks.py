@@ -1,0 +1,241 @@
+"""Operation locks that hold across controller replicas: RADOS object locks with a lease.
+
+Why: the chart runs the shared controller with two replicas, and the sidecars' leaders can sit in different pods, so
+an in-process lock table cannot stop two processes from creating, cloning or deleting the same image at once. The
+RBD backend's own state lives in the pool, so its locks live there too: one small RADOS object per image name
+(`tessera-lock.<image>`) in the backend's default pool, locked with the `lock` object class.
+
+- A lock is exclusive (the operation writes the image: create, delete, expand) or shared (it reads it as a clone
+  or snapshot source; several snapshots of one volume may run together).
+- Every lock carries a lease (`duration`). A background thread renews all leases of an operation every third of
+  the lease, with cls_lock's MUST_RENEW flag, so a live holder's lock never lapses while a crashed holder's lock
+  expires by itself after one lease (plus the OSD's second granularity). A renewal that finds the lock gone logs
+  an error: the operation outlived its lease (a stalled process) and may have raced.
+- Taking locks never waits: the first busy key raises `Aborted` naming the holder (the operation and its process,
+  stored as the lock description and in an xattr on the lock object, which plain `rados` tools can read).
+- Cookies are unique per acquisition (process id + counter), so two threads of one process also exclude each other.
+
+`RadosLockProvider` plugs this into the controller's operation lock table (`csi/locks.py`, `backends/locking.py`):
+the table's claim keys become lock objects. A key naming an image (`volume/<backend>:<pool>.<image>`) maps to the
+image name alone, so a claim made before the pool is known (a planned snapshot) and one made with it meet on the same
+object; other keys (request names) map to a hash, as names may hold any character.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+from prometheus_client import Counter
+
+from .locking import Claim, LockConflict, LockProvider, Operation
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "tessera-op"
+SHARED_TAG = "tessera"
+OBJECT_PREFIX = "tessera-lock."
+HOLDER_XATTR = "tessera.holder"
+FLAG_MUST_RENEW = 0x2  # cls_lock: renew only a lock this cookie still holds; ENOENT once it has been lost
+
+PROCESS = f"{socket.gethostname()} pid {os.getpid()}"
+_PROCESS_TAG = uuid.uuid4().hex[:12]
+_seq = itertools.count(1)
+
+LOCK_ABORTS = Counter("tessera_rbd_lease_lock_aborted_total",
+                      "RBD operations refused (ABORTED) because another operation, in any replica, held a lock",
+                      ["backend"])
+LEASES_LOST = Counter("tessera_rbd_lease_lost_total",
+                      "RBD operation locks found lost at renewal (the holder stalled for longer than the lease)",
+                      ["backend"])
+
+
+@dataclass(frozen=True)
+class LockKey:
+    """One object an operation touches: `key` names the lock object, `label` says what it is to a person."""
+    key: str
+    label: str
+    shared: bool = False
+
+
+class Lease:
+    """The locks of one running operation; renewed in the background until `release`."""
+
+    def __init__(self, io: Any, keys: Sequence[LockKey], operation: Operation, duration: int, backend: str) -> None:
+        self.io = io
+        self.keys = list(keys)
+        self.description = f"{operation} ({PROCESS})"
+        self.record = json.dumps({"operation": str(operation), "rpc": operation.rpc, "process": PROCESS}).encode()
+        self.duration = duration
+        self.backend = backend
+        self.cookie = f"{_PROCESS_TAG}-{next(_seq)}"
+        self.held: list[LockKey] = []
+        self.lost = False
+        self.renewed_at = 0.0
+        self._forget: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- one lock ---------------------------------------------------------------------------------------
+    def _lock(self, k: LockKey, flags: int = 0) -> None:
+        obj = OBJECT_PREFIX + k.key
+        if k.shared:
+            self.io.lock_shared(obj, LOCK_NAME, self.cookie, SHARED_TAG, desc=self.description,
+                                duration=self.duration, flags=flags)
+        else:
+            self.io.lock_exclusive(obj, LOCK_NAME, self.cookie, desc=self.description, duration=self.duration,
+                                   flags=flags)
+
+    def _holder(self, k: LockKey) -> tuple[str, str]:
+        """(the holding operation with its process, its RPC name) as the holder recorded them."""
+        try:
+            rec = json.loads(self.io.get_xattr(OBJECT_PREFIX + k.key, HOLDER_XATTR))
+            return f"{rec['operation']} ({rec['process']})", str(rec["rpc"])
+        except Exception:  # noqa: BLE001 - the name of the holder is a courtesy; the refusal stands without it
+            return f"another operation on {k.label}", "unknown"
+
+    def acquire(self) -> None:
+        import rados
+        started = time.monotonic()
+        for k in sorted(self.keys, key=lambda k: k.key):
+            try:
+                self._lock(k)
+            except (rados.ObjectBusy, rados.ObjectExists):
+                holder, rpc = self._holder(k)
+                self.release()
+                LOCK_ABORTS.labels(self.backend).inc()
+                raise LockConflict(holder, rpc, k.label) from None
+            except BaseException:
+                self.release()
+                raise
+            self.held.append(k)
+            with contextlib.suppress(Exception):
+                self.io.set_xattr(OBJECT_PREFIX + k.key, HOLDER_XATTR, self.record)
+        self.renewed_at = started
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.cookie}", daemon=True)
+        self._thread.start()
+
+    def _renew_loop(self) -> None:
+        import rados
+        interval = max(0.5, self.duration / 3)
+        while not self._stop.wait(interval):
+            started = time.monotonic()
+            ok = True
+            for k in list(self.held):
+                try:
+                    self._lock(k, FLAG_MUST_RENEW)
+                except rados.ObjectNotFound:
+                    ok = False
+                    if not self.lost:
+                        self.lost = True
+                        LEASES_LOST.labels(self.backend).inc()
+                        log.error("the lock on %s for %s lapsed before it was renewed (stalled longer than the "
+                                  "%d s lease); another replica may have taken it", k.label, self.description,
+                                  self.duration)
+                except Exception as e:  # noqa: BLE001 - a slow cluster: try again at the next tick
+                    ok = False
+                    log.warning("renewing the lock on %s for %s failed: %s", k.label, self.description, e)
+            if ok:
+                self.renewed_at = started
+
+    def forget(self, key: str) -> None:
+        """The operation removed what `key` names (a delete): remove the lock object at release instead of
+        unlocking, so lock objects do not pile up with deleted volumes."""
+        self._forget.add(key)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        import rados
+        # Removing the object also drops our lock; only safe while the lease is certainly ours (fresh renewal).
+        fresh = not self.lost and time.monotonic() - self.renewed_at < self.duration / 2
+        for k in reversed(self.held):
+            obj = OBJECT_PREFIX + k.key
+            try:
+                if k.key in self._forget and not k.shared and fresh:
+                    self.io.remove_object(obj)
+                else:
+                    self.io.unlock(obj, LOCK_NAME, self.cookie)
+            except rados.ObjectNotFound:
+                pass
+            except Exception as e:  # noqa: BLE001 - the lease runs out by itself
+                log.warning("releasing the lock on %s failed (it lapses after %d s): %s", k.label, self.duration, e)
+        self.held = []
+
+
+class LeaseLocks:
+    """Factory of leases for one backend."""
+
+    def __init__(self, backend: str, duration: int) -> None:
+        self.backend = backend
+        self.duration = max(1, int(duration))
+
+    @contextlib.contextmanager
+    def hold(self, io: Any, keys: Sequence[LockKey], operation: Operation) -> Iterator[Lease]:
+        """Lock every key (all or none; LockConflict (Aborted) naming the holder of the first busy one) for the
+        duration of the block, renewing the leases meanwhile."""
+        lease = Lease(io, keys, operation, self.duration, self.backend)
+        lease.acquire()
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+
+def object_key(claim_key: str, image_for_name: Callable[[str, str], str | None] = lambda kind, name: None) -> str:
+    """The lock object (after OBJECT_PREFIX) for a claim key of csi/locks.py. `image_for_name(kind, name)` gives
+    the image a create request name makes ("volume" or "snapshot"), so a request name and the volume it makes share
+    one object (and DeleteVolume, which removes that object with the volume, leaves nothing behind)."""
+    kind, _, rest = claim_key.partition("/")
+    image: str | None = None
+    if kind in ("volume", "snapshot"):
+        image = rest.rpartition(".")[2]
+    elif kind == "name":
+        image = image_for_name("volume", rest)
+    elif kind == "snapshot-name":
+        image = image_for_name("snapshot", rest)
+    if image and image.startswith("tessera-") and all(c.isalnum() or c == "-" for c in image):
+        return "img." + image
+    return "key." + hashlib.sha256(claim_key.encode()).hexdigest()[:40]
+
+
+class RadosLockProvider(LockProvider):
+    """The controller's claims, held as RADOS lease locks in one pool (`io_factory` gives its ioctx; `guard`
+    translates storage errors to the driver's typed errors)."""
+
+    REMOVES = ("DeleteVolume", "DeleteSnapshot")  # operations after which their objects' locks are not needed
+
+    def __init__(self, locks: LeaseLocks, io_factory: Callable[[], Any],
+                 guard: Callable[[str], ContextManager[None]],
+                 image_for_name: Callable[[str, str], str | None] = lambda kind, name: None) -> None:
+        self.locks = locks
+        self.io_factory = io_factory
+        self.guard = guard
+        self.image_for_name = image_for_name
+
+    @contextlib.contextmanager
+    def hold(self, operation: Operation, claims: Sequence[Claim]) -> Iterator[None]:
+        keys: dict[str, LockKey] = {}
+        for c in claims:  # two claims may meet on one object (see object_key): exclusive wins
+            k = object_key(c.key, self.image_for_name)
+            if k not in keys or c.exclusive:
+                keys[k] = LockKey(k, c.key, shared=not c.exclusive)
+        stack = contextlib.ExitStack()
+        with self.guard(f"lock for {operation}"):  # only the taking: the operation's own errors pass untouched
+            lease = stack.enter_context(self.locks.hold(self.io_factory(), list(keys.values()), operation))
+        with stack:
+            yield
+            if operation.rpc in self.REMOVES:
+                for k in keys.values():
+                    if not k.shared:
+                        lease.forget(k.key)
