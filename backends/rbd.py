@@ -385,29 +385,52 @@ class RbdBackend(Backend):
         pool = parameters.get("pool", self.options.pool) if kind == "volume" else self.options.pool
         return f"{pool}.{self._image_for_name(kind, name)}"
 
+    def _candidate_pools(self, conn: _Conn) -> list[tuple[str, bool]]:
+        """(pool, known) for every pool a volume of this backend could live in: the configured ones and those this
+        process created in (known), then every other pool of the cluster with the rbd application enabled (a
+        StorageClass may name any pool; the pool list and applications come from the client's osdmap, no I/O)."""
+        pools = [(p, True) for p in self._used_pools]
+        try:
+            with self._ceph("list pools", conn):
+                for p in conn.rados.list_pools():
+                    if p in self._used_pools or not POOL_RE.match(p):
+                        continue
+                    with contextlib.suppress(Exception):
+                        if "rbd" in conn.ioctx(p).application_list():
+                            pools.append((p, False))
+        except TesseraError as e:
+            log.warning("cannot list the pools of the cluster (only configured pools are searched): %s", e)
+        return pools
+
     def find_by_name(self, name: str, secrets: Mapping[str, str]) -> Optional[Volume]:
-        """The committed volume of `name` in any pool this backend is configured for or has created in: one stat of
-        the image's id object per pool."""
+        """The committed volume of `name` in any pool it could have gone to (`_candidate_pools`): one stat of the
+        image's id object per pool. Pools the user may not read are skipped unless configured."""
         import rados
+        if not self._has_own_credentials() and not (secrets and secrets.get(SECRET_KEY)):
+            return None  # no credentials to look with (this request is for another backend)
         image = self._image_for_name("volume", name)
         conn = self._conn(secrets)
-        for pool in list(self._used_pools):
-            with self._ceph(f"look for volume {name!r} in pool {pool}", conn):
-                try:
-                    io = conn.ioctx(pool)
-                except NotFound:
-                    continue
-                try:
-                    io.stat(f"rbd_id.{image}")
-                except rados.ObjectNotFound:
-                    continue
-                img = self._open(conn, pool, image)
-                if img is None:
-                    continue
-                with img:
-                    meta = self._meta(img)
-                    if "name" in meta:
-                        return self._volume_of(pool, image, img, meta)
+        for pool, known in self._candidate_pools(conn):
+            try:
+                with self._ceph(f"look for volume {name!r} in pool {pool}", conn):
+                    try:
+                        io = conn.ioctx(pool)
+                    except NotFound:
+                        continue
+                    try:
+                        io.stat(f"rbd_id.{image}")
+                    except rados.ObjectNotFound:
+                        continue
+                    img = self._open(conn, pool, image)
+                    if img is None:
+                        continue
+                    with img:
+                        meta = self._meta(img)
+                        if "name" in meta:
+                            return self._volume_of(pool, image, img, meta)
+            except PermissionDenied:
+                if known:
+                    raise
         return None
 
     # ---- clone v2 -----------------------------------------------------------------------------------------

@@ -277,8 +277,13 @@ def test_two_replicas_racing_on_shared_names_and_volumes(ceph_cluster, tmp_path,
         for b in bases:
             _until_ok(clients[0].controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=b))
         _wait_trash_empty(admin_io)
-        left = [i for i in _images(admin_io) if i in expected or i in {_image(x) for x in bases + list(snap_ids.values())}]
+        ours_all = set(expected) | {_image(x) for x in bases + list(snap_ids.values())}
+        left = [i for i in _images(admin_io) if i in ours_all]
         assert left == [], f"images left after every delete returned OK: {left}"
+        # and the replicas' lock objects went with what they locked
+        locks = [o.key for o in admin_io.list_objects() if o.key.startswith("tessera-lock.img.")
+                 and o.key[len("tessera-lock.img."):] in ours_all]
+        assert locks == [], f"lock objects left behind: {locks}"
     finally:
         for c in clients:
             c.close()
