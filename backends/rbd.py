@@ -539,7 +539,10 @@ class RbdBackend(Backend):
                 log.warning("cannot resume deletions in pool %s: %s", pool, e)
                 continue
             for t in entries:
-                if t.get("name", "").startswith(("tessera-vol-", "tessera-snap-")) and t.get("source") == "USER":
+                # Only what DeleteVolume put there (no deferment): an operator's `rbd trash mv --expires-at` is kept.
+                due, deleted = t.get("deferment_end_time"), t.get("deletion_time")
+                if t.get("name", "").startswith((VOL_PREFIX, SNAP_PREFIX)) and t.get("source") == "USER" and \
+                        (due is None or deleted is None or due <= deleted):
                     self._queue_purge(secrets, pool, t["id"], t["name"])
 
     # ---- ids and metadata ---------------------------------------------------------------------------------
@@ -589,8 +592,9 @@ class RbdBackend(Backend):
                         size_bytes=img.size(), creation_time=float(meta.get("created", "0")), ready_to_use=ready,
                         name=meta.get("name", ""))
 
-    def _snap_ready(self, conn: _Conn, img: Any) -> bool:
-        """A snapshot image is usable once its chain is within the soft depth limit (flat with `always`)."""
+    def _snap_ready(self, conn: _Conn, img: Any, meta: Mapping[str, str]) -> bool:
+        """A snapshot image is usable once its chain is within the soft depth limit (flat with `always`). The depth
+        stored at creation bounds it from above (flattens only shorten chains), so listings open no parents."""
         import rbd
         try:
             img.parent_id()
@@ -598,7 +602,8 @@ class RbdBackend(Backend):
             return True
         if self.options.flattenPolicy == "always":
             return False
-        return self._depth(conn, img) <= self.options.cloneDepthLimit
+        depth = int(meta["depth"]) if meta.get("depth", "").isdigit() else self._depth(conn, img)
+        return depth <= self.options.cloneDepthLimit
 
     def _deep(self, depth: int) -> bool:
         return self.options.flattenPolicy == "always" or depth > self.options.cloneDepthLimit
@@ -982,7 +987,7 @@ class RbdBackend(Backend):
                 with img:
                     meta = self._meta(img)
                     if "name" in meta:
-                        ready = self._snap_ready(conn, img)
+                        ready = self._snap_ready(conn, img, meta)
                         if not ready:
                             self._queue_flatten(secrets, pool, sname)
                         return self._snapshot_of(pool, sname, img, meta, ready)
@@ -1001,7 +1006,7 @@ class RbdBackend(Backend):
                 data_pool = conn.rados.pool_reverse_lookup(data_pool_id)
             self._clone(conn, pool, parsed[1], pool, sname, features, data_pool, (None, None), f"create {what}")
             self._commit(conn.ioctx(pool), sname, {"kind": "snapshot", "source_volume": source_local_id,
-                                                    "created": repr(time.time()), "name": name})
+                                                    "created": repr(time.time()), "name": name, "depth": str(depth)})
             deep = self._deep(depth)
             if deep:  # ready_to_use=false until the background flatten makes it self-contained
                 self._queue_flatten(secrets, pool, sname)
@@ -1034,7 +1039,7 @@ class RbdBackend(Backend):
                 meta = self._meta(img)
                 if "name" not in meta:
                     raise NotFound(f"snapshot {self.name}:{local_id} does not exist (unfinished create)")
-                ready = self._snap_ready(conn, img)
+                ready = self._snap_ready(conn, img, meta)
                 if not ready:
                     self._queue_flatten(secrets, *parsed)
                 return self._snapshot_of(parsed[0], parsed[1], img, meta, ready)
@@ -1044,7 +1049,7 @@ class RbdBackend(Backend):
         out = []
         for pool, n, img, meta in self._scan(secrets, SNAP_PREFIX):
             with self._ceph(f"read {pool}/{n}", conn):
-                ready = self._snap_ready(conn, img)
+                ready = self._snap_ready(conn, img, meta)
                 if not ready:
                     self._queue_flatten(secrets, pool, n)
                 out.append(self._snapshot_of(pool, n, img, meta, ready))

@@ -162,6 +162,33 @@ def test_clone_chain_is_flattened_past_the_depth_limit(backend: RbdBackend, admi
         until_done(backend.delete_volume, v.local_id, {})
 
 
+def test_deletion_left_in_the_trash_by_a_crash_is_finished_by_the_next_process(ceph_cluster, state_dir, admin_io):
+    """DeleteVolume of a volume with dependants moves it to the RBD trash and leaves the flattening to a background
+    job. A process killed in between leaves exactly that trash entry: the next process finishes it."""
+    b1 = make_backend(ceph_cluster, state_dir)
+    vol = b1.create_volume(spec(uniq("pvc")))
+    pattern = os.urandom(MIB)
+    write(admin_io, vol.local_id, 0, pattern)
+    snap = b1.create_snapshot(vol.local_id, uniq("snap"), {}, {})
+    b1.close()
+    rbd.RBD().trash_move(admin_io, image_name(vol.local_id))  # the state a kill right after the move leaves
+    b2 = make_backend(ceph_cluster, state_dir)
+    try:
+        other = b2.create_volume(spec(uniq("pvc")))  # any controller call on the pool resumes pending deletions
+        deadline = time.monotonic() + 120
+        while any(t["name"] == image_name(vol.local_id) for t in rbd.RBD().trash_list(admin_io)):
+            assert time.monotonic() < deadline, "the trashed volume was never purged"
+            time.sleep(0.2)
+        with rbd.Image(admin_io, image_name(snap.local_id), read_only=True) as img:
+            with pytest.raises(rbd.ImageNotFound):
+                img.parent_id()  # flattened first: self-contained
+            assert img.read(0, MIB) == pattern
+        until_done(b2.delete_snapshot, snap.local_id, {})
+        b2.delete_volume(other.local_id, {})
+    finally:
+        b2.close()
+
+
 def test_expand(backend: RbdBackend, admin_io):
     vol = backend.create_volume(spec(uniq("pvc")))
     size, node_needed = backend.expand_volume(vol.local_id, 256 * MIB, {})
@@ -191,6 +218,16 @@ def test_listing_with_paging(ceph_cluster, state_dir):
     for i in ids:
         ops.delete_volume(i, {})
     backends.close()
+
+
+def test_capacity_without_a_mgr_says_it_needs_one(fresh_ceph_cluster, state_dir):
+    """Pool usage comes from the ceph-mgr: a cluster without one answers UNAVAILABLE saying so."""
+    b = make_backend(fresh_ceph_cluster, state_dir)
+    try:
+        with pytest.raises(BackendUnavailable, match="ceph-mgr"):
+            b.get_capacity({}, None)
+    finally:
+        b.close()
 
 
 def test_capacity_goes_down_after_writing(ceph_mgr, state_dir):
