@@ -370,28 +370,40 @@ class LvmVolumes:
         lv = self.find(name)
         if lv is None:
             return False
-        if lv.open:
-            raise InUse(f"logical volume {self.vg}/{name} is open (mounted or attached); unmount it first")
+        in_use = f"logical volume {self.vg}/{name} is open (mounted or attached); unmount it first"
+        if lv.open and not self._closed_once_udev_is_done(name):
+            raise InUse(in_use)
         if wipe:
             self.wipe(name)
-            if not self._closed_after_our_write(name):
-                raise InUse(f"logical volume {self.vg}/{name} is open (mounted or attached); unmount it first")
-        self._run(["lvremove", "--yes", self.lv_ref(name)], f"remove {self.vg}/{name}")
+            if not self._closed_once_udev_is_done(name):
+                raise InUse(in_use)
+        for attempt in range(3):
+            try:
+                self._run(["lvremove", "--yes", self.lv_ref(name)], f"remove {self.vg}/{name}")
+                return True
+            except InUse:  # udev's probe may open it between our look and lvremove's
+                if attempt == 2 or not self._closed_once_udev_is_done(name):
+                    raise
         return True
 
-    def _closed_after_our_write(self, name: str, attempts: int = 5) -> bool:
-        """Whether the LV is closed once udev is done with it. Closing a device we wrote (the wipe) makes udev's
-        watch probe it (blkid opens it for a moment), so an open count right after the wipe is usually udev's own:
-        let udev settle and look again, a bounded number of times, before calling the volume in use."""
+    @staticmethod
+    def _settle_udev() -> None:
+        try:
+            run(["udevadm", "settle", "--timeout=10"], timeout=15, check=False)
+        except TesseraError:  # no udevadm (no udev): nothing to wait for but the moment itself
+            pass
+
+    def _closed_once_udev_is_done(self, name: str, attempts: int = 5) -> bool:
+        """Whether the LV is closed once udev is done with it. Closing a device after writing it (our wipe or
+        copy, a node's unmount) makes udev's watch probe it (blkid opens it for a moment), so an open count right
+        then is usually udev's own: let udev settle and look again, a bounded number of times, before calling the
+        volume in use. A volume that is really mounted costs about a second here before its FAILED_PRECONDITION."""
         for attempt in range(attempts):
+            self._settle_udev()
             if not self._must(name).open:
                 return True
-            try:
-                run(["udevadm", "settle", "--timeout=10"], timeout=15, check=False)
-            except TesseraError:  # no udevadm (no udev): nothing to wait for but the moment itself
-                pass
             time.sleep(0.1 * (attempt + 1))
-        return not self._must(name).open
+        return False
 
     def remove_cow_snapshot(self, name: str) -> None:
         """Remove a transient classic (COW) snapshot without leaving its origin's old blocks in free extents: the
