@@ -268,9 +268,39 @@ log file = {d}/log/$cluster-$name.$pid.log
         self.save()
 
     def stop(self) -> None:
-        """OSD first: a mon stopped before the OSD makes the OSD wait 5 s for it on shutdown."""
+        """OSD first: a mon stopped before the OSD makes the OSD wait 5 s for it on shutdown. Clients that serve
+        block I/O to the kernel go first of all (see `release_block_clients`)."""
+        self.release_block_clients()
         for name in ("osd", "mgr", "mon"):
             self.stop_daemon(name)
+
+    def release_block_clients(self) -> list[int]:
+        """SIGKILL every rbd-fuse and rbd-nbd process still serving an image of this cluster.
+
+        Why: such a daemon outliving its cluster waits on RADOS forever, and so does every I/O the kernel sends it —
+        a loop device over an rbd-fuse file, an nbd device, and then every `sync` on the machine, in D state, for
+        good (seen: a test run interrupted with its volumes still staged hung later runs and unrelated tests). A
+        killed FUSE daemon closes /dev/fuse, which aborts its connection; a killed rbd-nbd closes the nbd socket:
+        the pending I/O then fails instead of hanging. Returns the PIDs killed."""
+        marks = (self.dir, f"127.0.0.1:{self.mon_port_v1}", f"127.0.0.1:{self.mon_port_v2}")
+        killed = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if not argv or os.path.basename(argv[0]) not in ("rbd-fuse", "rbd-nbd"):
+                continue
+            if any(m in arg for arg in argv for m in marks):
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                    killed.append(int(entry))
+                except ProcessLookupError:
+                    pass
+        return killed
 
     def start(self, timeout: float = 60.0) -> None:
         """(Re)start the daemons of an existing cluster and wait until it serves I/O."""
