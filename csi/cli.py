@@ -16,6 +16,7 @@ def _node_name(flag: Optional[str]) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
+    from backends.errors import TesseraError
     from .server import EndpointError, build, serve_forever
     from .logfmt import configure
     configure(args.log_format, args.log_level)
@@ -28,8 +29,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         srv = build(config, args.endpoint, _node_name(args.node_id), args.mode)
-    except EndpointError as e:
-        print(f"tessera-csi: {e}", file=sys.stderr)
+    except (EndpointError, TesseraError) as e:
+        # a backend refusing to serve here (a second iSCSI controller on one target, ...) says why, without a
+        # traceback: the message names what to do
+        print(f"tessera-csi: cannot start: {e}", file=sys.stderr)
         return 2
     if args.metrics_address:
         _serve_http(args, config, srv.backends)

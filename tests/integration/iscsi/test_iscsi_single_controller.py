@@ -36,6 +36,8 @@ def test_second_controller_on_the_same_target_refuses_to_start(tmp_path):
         assert "iSCSI target iqn.2026-01.dev.csi.tessera.single (tgt) is already served by tessera-csi controller " \
                f"pid {first.proc.pid}" in second.stderr, second.stderr[-2000:]
         assert "runs exactly one controller beside its target" in second.stderr
+        assert "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert second.returncode == 2
         assert not os.path.exists(f"{tmp_path}/two.sock")
         # a node plugin on the same host is no controller: it starts
         node = ServerProcess(str(tmp_path / "node"), config, node_id="target-host", extra_args=["--mode", "node"])
