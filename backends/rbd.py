@@ -236,11 +236,14 @@ class RbdBackend(Backend):
     def _cluster_id(self) -> str:
         return ",".join(self.options.monitors) if self.options.monitors else f"conf:{self.options.cephConf}"
 
-    def _conn(self, secrets: Mapping[str, str]) -> _Conn:
+    def _conn(self, secrets: Mapping[str, str], clone_format: int = 2) -> _Conn:
+        """The shared connection for these credentials. Clones are made with an explicit format, never librbd's
+        "auto" (whose failed v1 attempt on an unprotected snapshot has crashed the process on pacific): the
+        connection for format 1 is a second one, used only for clones on clusters that allow no v2."""
         import rados
         user, key = self._credentials(secrets)
         fingerprint = hashlib.sha256((key or "").encode()).hexdigest()[:16]
-        ckey = (self._cluster_id(), user, fingerprint)
+        ckey = (self._cluster_id(), user, fingerprint + ("" if clone_format == 2 else f"/clone{clone_format}"))
         with self._conns_lock:
             conn = self._conns.get(ckey)
             if conn is not None and conn.rados.state == "connected":
@@ -252,9 +255,7 @@ class RbdBackend(Backend):
                 "rados_mon_op_timeout": str(int(max(1, o.opTimeout))),
                 "rados_osd_op_timeout": str(int(max(1, o.opTimeout))),
                 "log_to_stderr": "false", "err_to_stderr": "false", "log_file": o.logFile,
-                # Clone v2 only, never librbd's v1 fallback: _require_clone_v2 checks the cluster allows it first,
-                # and librbd's failed v1 attempt on an unprotected snapshot has crashed the process (pacific).
-                "rbd_default_clone_format": "2"}
+                "rbd_default_clone_format": str(clone_format)}
         if o.monitors:
             conf["mon_host"] = ",".join(o.monitors)
         if key:
@@ -433,27 +434,62 @@ class RbdBackend(Backend):
                     raise
         return None
 
-    # ---- clone v2 -----------------------------------------------------------------------------------------
-    def _require_clone_v2(self, conn: _Conn, what: str) -> None:
-        """FailedPrecondition when the cluster allows only clone v1 (require-min-compat-client below mimic), where
-        librbd would refuse every clone of an unprotected snapshot with EINVAL. Learnt once per connection (the
-        connection is made with clone format 2 forced, so this check is what keeps v2 clones off such a cluster); a
-        refusal is checked again after a minute, so the operator's fix takes effect without a restart."""
+    # ---- clone format ---------------------------------------------------------------------------------------
+    def _clone_format(self, conn: _Conn) -> int:
+        """2 when the cluster allows clone v2 (require-min-compat-client mimic or newer), else 1: protected
+        snapshots, which stay on the parent until its last child is flattened or deleted. Learnt once per
+        connection; a v1 answer is checked again after a minute, so raising the setting takes effect."""
         now = time.monotonic()
         if conn.clone_v2 is None or (conn.clone_v2 is False and now - conn.clone_v2_checked > 60):
             ret, out, _ = conn.rados.mon_command(json.dumps({"prefix": "osd dump", "format": "json"}), b"",
                                                  timeout=int(self.options.opTimeout))
             if ret != 0:
-                conn.clone_v2 = True  # cannot tell (caps): try clones, whose EINVAL _clone maps the same way
-                return
+                conn.clone_v2 = True  # cannot tell (caps): clone v2, whose refusal _clone maps to FAILED_PRECONDITION
+                return 2
             conn.min_compat = str(json.loads(out).get("require_min_compat_client", ""))
             conn.clone_v2_checked = now
             conn.clone_v2 = conn.min_compat not in RELEASES or RELEASES.index(conn.min_compat) >= RELEASES.index("mimic")
-        if conn.clone_v2 is False:
-            raise FailedPrecondition(
-                f"{what}: this Ceph cluster allows only clone format v1 (require-min-compat-client is "
-                f"{conn.min_compat}); snapshots and clones need clone v2: once every client is mimic or newer, run "
-                f"`{CLONE_V2_FIX}`")
+            if not conn.clone_v2:
+                log.info("ceph cluster of backend %s has require-min-compat-client %s: clones use format v1 "
+                         "(protected snapshots); `%s` allows v2", self.name, conn.min_compat, CLONE_V2_FIX)
+        return 2 if conn.clone_v2 else 1
+
+    @staticmethod
+    def _drop_snap(img: Any, snap: str) -> bool:
+        """Remove a user snapshot, unprotecting it first (clone v1); False while v1 children still need it."""
+        import rbd
+        try:
+            if img.is_protected_snap(snap):
+                img.unprotect_snap(snap)
+        except rbd.ImageNotFound:
+            return True
+        except (rbd.ImageBusy, rbd.InvalidArgument):
+            return False  # children of it remain
+        with contextlib.suppress(rbd.ImageNotFound):
+            img.remove_snap(snap)
+        return True
+
+    def _v1_parent(self, img: Any, name: str) -> Optional[tuple[str, str]]:
+        """(pool, image id) of the parent whose protected snapshot `name` this clone v1 child hangs from, else None
+        (clone v2: the parent's snapshot sits in the trash namespace under a generated name and goes by itself)."""
+        import rbd
+        try:
+            spec = img.get_parent_image_spec()
+            parent_id = img.parent_id()
+        except rbd.ImageNotFound:
+            return None
+        return (spec["pool_name"], parent_id) if spec.get("snap_name") == name else None
+
+    def _release_v1(self, conn: _Conn, parent: Optional[tuple[str, str]], snap: str) -> None:
+        """After a clone v1 child stopped needing its parent (flattened or deleted): drop the parent's snapshot."""
+        import rbd
+        if parent is None:
+            return
+        try:
+            with rbd.Image(conn.ioctx(parent[0]), image_id=parent[1]) as p:
+                self._drop_snap(p, snap)
+        except (rbd.ImageNotFound, NotFound):
+            pass
 
     # ---- background flattens --------------------------------------------------------------------------------
     def _claim_key(self, pool: str, image: str) -> str:
@@ -484,9 +520,11 @@ class RbdBackend(Backend):
                                 img.parent_id()
                             except rbd.ImageNotFound:
                                 return None  # flat already
+                            v1 = self._v1_parent(img, image)
                             log.info("flattening %s/%s in the background", pool, image)
                             img.flatten()
                             log.info("flattened %s/%s", pool, image)
+                        self._release_v1(conn, v1, image)
                     finally:
                         self._flattening.discard((pool, image))
         except Aborted as e:
@@ -506,6 +544,7 @@ class RbdBackend(Backend):
             try:
                 with rbd.Image(io, image_id=image_id, read_only=True) as img:
                     children = list(img.list_children2())
+                    v1 = self._v1_parent(img, name)
             except rbd.ImageNotFound:
                 return None
             waiting = False
@@ -518,9 +557,16 @@ class RbdBackend(Backend):
             if waiting:
                 return RETRY
             try:
+                with rbd.Image(io, image_id=image_id) as img:  # clone v1: its protected snapshots, now childless
+                    if not all([self._drop_snap(img, snap) for snap in _user_snaps(img)]):
+                        return RETRY
+            except rbd.ImageNotFound:
+                return None
+            try:
                 _trash_remove(io, image_id)
             except rbd.ImageHasSnapshots:
                 return RETRY  # a trashed snapshot goes away once its last clone is flattened
+            self._release_v1(conn, v1, name)
             log.info("purged deleted image %s/%s (trash id %s)", pool, name, image_id)
         return None
 
@@ -610,29 +656,34 @@ class RbdBackend(Backend):
 
     # ---- building blocks ----------------------------------------------------------------------------------
     def _clone(self, conn: _Conn, parent_pool: str, parent: str, pool: str, child: str, features: int,
-               data_pool: Optional[str], stripe: tuple[Optional[int], Optional[int]], what: str) -> None:
-        """Clone `parent` (its current content) into `child` through an RBD snapshot named after the child; the
-        snapshot is removed at once (clone v2 keeps it in the trash namespace while the child needs it). The
-        caller holds a shared claim on the parent, so no delete of it removes that snapshot meanwhile."""
+               data_pool: Optional[str], stripe: tuple[Optional[int], Optional[int]], what: str,
+               secrets: Mapping[str, str]) -> None:
+        """Clone `parent` (its current content) into `child` through an RBD snapshot named after the child. With
+        clone v2 the snapshot is removed at once (v2 keeps it in the trash namespace while the child needs it);
+        with v1 it is protected and stays until the child is flattened or deleted (`_release_v1`). The caller
+        holds a shared claim on the parent, so no delete of it removes that snapshot meanwhile."""
         import rbd
-        self._require_clone_v2(conn, what)
+        fmt = self._clone_format(conn)
         pio = conn.ioctx(parent_pool)
         with rbd.Image(pio, parent) as p:
             if child not in _user_snaps(p):
                 p.create_snap(child)
+            if fmt == 1 and not p.is_protected_snap(child):
+                p.protect_snap(child)
+        cconn = conn if fmt == 2 else self._conn(secrets, clone_format=1)
         try:
-            rbd.RBD().clone(pio, parent, child, conn.ioctx(pool), child, features=features, data_pool=data_pool,
-                            stripe_unit=stripe[0], stripe_count=stripe[1])
+            rbd.RBD().clone(cconn.ioctx(parent_pool), parent, child, cconn.ioctx(pool), child, features=features,
+                            data_pool=data_pool, stripe_unit=stripe[0], stripe_count=stripe[1])
         except rbd.InvalidArgument:
             with rbd.Image(pio, parent) as p, contextlib.suppress(rbd.ImageNotFound):
+                self._drop_snap(p, child)
+            conn.clone_v2 = None  # ask the cluster again next time
+            raise FailedPrecondition(f"{what}: ceph refused the clone (EINVAL, clone format v{fmt}); check "
+                                     f"`ceph osd get-require-min-compat-client` (clone v2 needs mimic: "
+                                     f"`{CLONE_V2_FIX}`) and that rbd_default_clone_format is not forced") from None
+        if fmt == 2:
+            with rbd.Image(pio, parent) as p:
                 p.remove_snap(child)
-            conn.clone_v2 = None
-            self._require_clone_v2(conn, what)
-            raise FailedPrecondition(f"{what}: ceph refused the clone (EINVAL); this driver needs clone format v2: "
-                                     f"check that `ceph osd get-require-min-compat-client` says mimic or newer "
-                                     f"(`{CLONE_V2_FIX}`) and that rbd_default_clone_format is not 1") from None
-        with rbd.Image(pio, parent) as p:
-            p.remove_snap(child)
 
     def _depth(self, conn: _Conn, img: Any) -> int:
         """How many parents the image has (parents are opened by id: a deleted one waits in the trash)."""
@@ -699,9 +750,16 @@ class RbdBackend(Backend):
         snapshot) goes to the RBD trash instead, where they keep reading through it, and a background job flattens
         them and then purges it: no full copy inside the RPC."""
         import rbd
+        v1: Optional[tuple[str, str]] = None
+        if self._clone_format(conn) == 1:  # a clone v1 child: its parent's protected snapshot goes with it
+            img = self._open(conn, pool, name)
+            if img is not None:
+                with img:
+                    v1 = self._v1_parent(img, name)
         try:  # fast path: no dependants, no leftovers
             rbd.RBD().remove(conn.ioctx(pool), name)
             self._forget_stale(conn, pool, name)
+            self._release_v1(conn, v1, name)
             return
         except rbd.ImageNotFound:
             self._forget_stale(conn, pool, name)
@@ -716,9 +774,10 @@ class RbdBackend(Backend):
         with img:
             children = list(img.list_children2())
             # Leftovers of a clone interrupted by a crash: a clone in flight holds a shared claim on this image,
-            # which the caller's exclusive claim excludes, so every user snapshot here is a leftover.
+            # which the caller's exclusive claim excludes, so every user snapshot here is a leftover, except the
+            # protected ones clone v1 children still hang from (they go when the last child is flat or gone).
             for snap in _user_snaps(img):
-                img.remove_snap(snap)
+                self._drop_snap(img, snap)
             image_id = img.id()
         if children:
             try:
@@ -733,6 +792,7 @@ class RbdBackend(Backend):
             try:
                 rbd.RBD().remove(conn.ioctx(pool), name)
                 self._forget_stale(conn, pool, name)
+                self._release_v1(conn, v1, name)
                 return
             except rbd.ImageNotFound:
                 self._forget_stale(conn, pool, name)
@@ -851,7 +911,8 @@ class RbdBackend(Backend):
                                      f"limit_bytes {spec.limit_bytes}")
                 size = src_size  # no explicit size asked beyond the source's: take the source's size
             assert parsed is not None
-            self._clone(conn, parsed[0], parsed[1], pool, name, features, data_pool, stripe, f"create {what}")
+            self._clone(conn, parsed[0], parsed[1], pool, name, features, data_pool, stripe, f"create {what}",
+                        spec.secrets)
             if size > src_size:
                 with rbd.Image(io, name) as img:
                     img.resize(size)
@@ -1004,7 +1065,8 @@ class RbdBackend(Backend):
             data_pool = None
             if data_pool_id >= 0 and data_pool_id != conn.ioctx(pool).get_pool_id():
                 data_pool = conn.rados.pool_reverse_lookup(data_pool_id)
-            self._clone(conn, pool, parsed[1], pool, sname, features, data_pool, (None, None), f"create {what}")
+            self._clone(conn, pool, parsed[1], pool, sname, features, data_pool, (None, None), f"create {what}",
+                        secrets)
             self._commit(conn.ioctx(pool), sname, {"kind": "snapshot", "source_volume": source_local_id,
                                                     "created": repr(time.time()), "name": name, "depth": str(depth)})
             deep = self._deep(depth)

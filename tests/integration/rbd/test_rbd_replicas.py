@@ -350,51 +350,67 @@ def test_kill_9_of_a_lock_holder_lets_the_other_replica_proceed_after_the_lease(
 
 
 # ---- a cluster that allows only clone v1 -----------------------------------------------------------------------
-def test_cluster_below_mimic_answers_failed_precondition_naming_the_command(ceph_cluster, tmp_path, admin_io):
+def test_cluster_below_mimic_clones_with_format_v1(ceph_cluster, tmp_path, admin_io):
     """The session cluster is set to `require-min-compat-client luminous` (as many upgraded clusters are) for the
-    length of the test; a controller started then answers every clone, restore and snapshot FAILED_PRECONDITION
-    naming the command that lifts the limit, and leaves nothing behind."""
+    length of the test. Snapshots, restores and clones work, as clone v1 (the parent keeps a protected snapshot,
+    which old clients can read), and deleting a parent, a snapshot or a child leaves no snapshot behind."""
     cluster = ceph_cluster.cluster
     tag = os.urandom(3).hex()
     cfg = _config(tmp_path / "config.yaml", ceph_cluster)
-    first = _replica(tmp_path, "ctrl-before", cfg)
-    c = Client(first.endpoint, timeout=60)
-    try:  # a volume and a snapshot made while the cluster still allowed clone v2
-        vol = _until_ok(c.controller.CreateVolume, _create_req(f"old-{tag}")).volume.volume_id
-        snap = _until_ok(c.controller.CreateSnapshot, pb.CreateSnapshotRequest(
-            name=f"old-snap-{tag}", source_volume_id=vol)).snapshot.snapshot_id
-    finally:
-        c.close()
-        first.stop()
     r = cluster.rados()
+    cluster.mon_command(r, "osd set-require-min-compat-client", version="luminous", yes_i_really_mean_it=True)
     srv = _replica(tmp_path, "ctrl", cfg)
     c = Client(srv.endpoint, timeout=60)
     try:
-        cluster.mon_command(r, "osd set-require-min-compat-client", version="luminous", yes_i_really_mean_it=True)
-        try:
-            attempts = {
-                "restore": lambda: c.controller.CreateVolume(_create_req(f"old-r-{tag}", snapshot=snap), timeout=60),
-                "snapshot": lambda: c.controller.CreateSnapshot(pb.CreateSnapshotRequest(
-                    name=f"old-snap2-{tag}", source_volume_id=vol), timeout=60),
-                "clone": lambda: c.controller.CreateVolume(_create_req(f"old-c-{tag}", volume=vol), timeout=60),
-            }
-            for what, call in attempts.items():
-                with pytest.raises(grpc.RpcError) as e:
-                    call()
-                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (what, e.value.details())
-                assert "ceph osd set-require-min-compat-client mimic" in e.value.details(), e.value.details()
-            # a plain volume still works, and the refusals left nothing behind
-            plain = _until_ok(c.controller.CreateVolume, _create_req(f"old-p-{tag}")).volume.volume_id
-            assert _user_snaps(admin_io, _image(vol)) == [] and _user_snaps(admin_io, _image(snap)) == []
-            for n in (f"old-r-{tag}", f"old-c-{tag}"):
-                assert "tessera-vol-" + object_uuid(DRIVER, n) not in _images(admin_io)
-        finally:
-            cluster.mon_command(r, "osd set-require-min-compat-client", version="mimic", yes_i_really_mean_it=True)
-        for vid in (plain, vol):
-            _until_ok(c.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vid))
-        _until_ok(c.controller.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=snap))
+        vol = _until_ok(c.controller.CreateVolume, _create_req(f"old-{tag}", 16 * MIB)).volume.volume_id
+        chunk = _write_pattern(admin_io, _image(vol), 8 * MIB)
+        snap = _until_ok(c.controller.CreateSnapshot, pb.CreateSnapshotRequest(
+            name=f"old-snap-{tag}", source_volume_id=vol)).snapshot
+        assert snap.ready_to_use
+        restored = _until_ok(c.controller.CreateVolume, _create_req(f"old-r-{tag}", 16 * MIB,
+                                                                    snapshot=snap.snapshot_id)).volume.volume_id
+        clone = _until_ok(c.controller.CreateVolume, _create_req(f"old-c-{tag}", 16 * MIB, volume=vol)).volume.volume_id
+        for child in (snap.snapshot_id, restored, clone):
+            with rbd.Image(admin_io, _image(child), read_only=True) as img:
+                # format v1: the parent snapshot is a user snapshot named after the child, not a trashed one
+                assert img.get_parent_image_spec()["snap_name"] == _image(child)
+                assert img.read(0, len(chunk)) == chunk
+        assert sorted(_user_snaps(admin_io, _image(vol))) == sorted([_image(snap.snapshot_id), _image(clone)])
+        # delete the parent first: gone at once, its children flattened in the background, then it is purged
+        _until_ok(c.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vol))
+        assert _image(vol) not in _images(admin_io)
+        _until_ok(c.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=clone))
+        _until_ok(c.controller.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+        with rbd.Image(admin_io, _image(restored), read_only=True) as img:
+            assert img.read(0, len(chunk)) == chunk
+        _until_ok(c.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=restored))
         _wait_trash_empty(admin_io)
+        assert not {_image(x) for x in (vol, clone, restored, snap.snapshot_id)} & _images(admin_io)
     finally:
+        cluster.mon_command(r, "osd set-require-min-compat-client", version="mimic", yes_i_really_mean_it=True)
+        r.shutdown()
+        c.close()
+        srv.stop()
+
+
+def test_clone_v1_child_deleted_before_its_parent_releases_the_snapshot(ceph_cluster, tmp_path, admin_io):
+    """Clone v1, the other order: the child goes first, and its parent's protected snapshot goes with it."""
+    cluster = ceph_cluster.cluster
+    tag = os.urandom(3).hex()
+    r = cluster.rados()
+    cluster.mon_command(r, "osd set-require-min-compat-client", version="luminous", yes_i_really_mean_it=True)
+    srv = _replica(tmp_path, "ctrl", _config(tmp_path / "config.yaml", ceph_cluster))
+    c = Client(srv.endpoint, timeout=60)
+    try:
+        vol = _until_ok(c.controller.CreateVolume, _create_req(f"old2-{tag}")).volume.volume_id
+        clone = _until_ok(c.controller.CreateVolume, _create_req(f"old2-c-{tag}", volume=vol)).volume.volume_id
+        assert _user_snaps(admin_io, _image(vol)) == [_image(clone)]
+        _until_ok(c.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=clone))
+        assert _user_snaps(admin_io, _image(vol)) == []
+        _until_ok(c.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vol))
+        assert _image(vol) not in _images(admin_io) and not _tessera_trash(admin_io)
+    finally:
+        cluster.mon_command(r, "osd set-require-min-compat-client", version="mimic", yes_i_really_mean_it=True)
         r.shutdown()
         c.close()
         srv.stop()
