@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -103,8 +104,12 @@ def attach(path: str, direct_io: bool = True, read_only: bool = False) -> str:
     return _new(path, direct_io, read_only)
 
 
-def detach(device: str) -> None:
-    """Detach; a device that is already free or gone is success."""
+def detach(device: str, settle: float = 5.0) -> None:
+    """Detach; a device that is already free or gone is success.
+
+    A device some process still holds open (udev's probe, a concurrent blkid) is only marked for detaching by the
+    kernel, which frees it at the last close: wait up to `settle` seconds for that, so a caller that checks right
+    after (DeleteVolume's "still attached", a test) sees the device free."""
     if not device:
         return
     try:
@@ -113,6 +118,10 @@ def detach(device: str) -> None:
         if "No such device" in e.stderr or "No such file" in e.stderr or not os.path.exists(device):
             return
         raise
+    marker = f"/sys/block/{os.path.basename(os.path.realpath(device))}/loop/backing_file"
+    deadline = time.monotonic() + settle
+    while os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def refresh(device: str) -> None:

@@ -863,8 +863,9 @@ def _unlink_if_created(path: str, entry: Mapping) -> None:
 def _put_back_dir(path: str, meta: Mapping) -> None:
     if os.path.lexists(path):
         return
-    os.mkdir(path, int(meta.get("mode", 0o750)))
+    os.mkdir(path, 0o700)
     try:
         os.chown(path, int(meta.get("uid", 0)), int(meta.get("gid", 0)))
+        os.chmod(path, int(meta.get("mode", 0o750)))
     except OSError:
         pass

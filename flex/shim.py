@@ -279,17 +279,19 @@ class Shim:
             staged = ops.record(opts.volume_id)
             auto = staged is None
             staging = self.auto_staging_path(target, opts.volume_id) if auto else staged.staging_path
+            made: list[str] = []
             if auto:
                 staging = ops.check_path(staging, "staging directory")
-                # the shim's own directory under kubelet's plugins/ (the staging directory itself is NodeOps')
-                os.makedirs(os.path.dirname(staging), mode=0o750, exist_ok=True)
+                # the shim's own directories under kubelet's plugins/ (the staging directory itself is NodeOps')
+                made = _makedirs(os.path.dirname(staging))
                 had = self.records.get(staging)
-                self.records.put(MountRecord(staging, KIND_DEVICE, opts.volume_id, opts.pv_name, auto_staged=True,
-                                             fs_type=opts.fs_type))
                 try:
+                    self.records.put(MountRecord(staging, KIND_DEVICE, opts.volume_id, opts.pv_name,
+                                                 auto_staged=True, fs_type=opts.fs_type))
                     ops.stage(opts.volume_id, staging, cap, opts.context, {}, opts.secrets, create_staging=True)
                 except BaseException:
                     self._restore(staging, had)
+                    _rmdirs(made)
                     raise
             had_target = self.records.get(target)
             self.records.put(MountRecord(target, KIND_POD, opts.volume_id, opts.pv_name, staging_path=staging,
@@ -300,6 +302,7 @@ class Shim:
                 self._restore(target, had_target)
                 if auto:
                     self._unstage_if_unused(ops, opts.volume_id)
+                    _rmdirs(made)
                 raise
         return P.success(f"volume {opts.volume_id} mounted at {target}")
 
@@ -369,6 +372,35 @@ class Shim:
             return
         ops.unstage(volume_id, staged.staging_path)  # removes the staging directory it made
         self.records.drop(staged.staging_path)
+
+
+def _makedirs(path: str) -> list[str]:
+    """makedirs, returning the directories it created (outermost first), so a failure can take them back."""
+    missing = []
+    p = path
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    made: list[str] = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d, 0o750)
+            made.append(d)
+    except BaseException:
+        _rmdirs(made)
+        raise
+    return made
+
+
+def _rmdirs(made: list[str]) -> None:
+    for d in reversed(made):
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 def _size(text: str, what: str) -> int:
