@@ -428,6 +428,19 @@ class TestControllerPublish:
         ledger.controller_unpublish(vol.volume_id)
         ledger.controller_unpublish(vol.volume_id)
 
+    def test_incompatible_republish_to_the_same_node(self, plugin, ledger):
+        """Published to a node, then asked again for that node with another readonly flag: ALREADY_EXISTS (spec:
+        "already published at the node ... but is incompatible with the specified volume_capability or readonly
+        flag"). The same request again stays idempotent."""
+        plugin.require("PUBLISH_UNPUBLISH_VOLUME")
+        plugin.require("PUBLISH_READONLY")
+        vol = ledger.create_volume(plugin.create_request())
+        first = ledger.controller_publish(vol.volume_id, mount_cap())
+        expect_code(ctl(plugin).ControllerPublishVolume, pb.ControllerPublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=plugin.node_id, volume_capability=mount_cap(), readonly=True),
+            C.ALREADY_EXISTS)
+        assert ledger.controller_publish(vol.volume_id, mount_cap()) == first
+
 
 # ---- ControllerExpandVolume ------------------------------------------------------------------------------------
 class TestControllerExpand:

@@ -34,3 +34,30 @@ def test_every_mode_served_for_raw_block(iscsi: IscsiBackend, mode: str) -> None
 def test_single_node_and_reader_mounts_served(iscsi: IscsiBackend, mode: str) -> None:
     assert mount_writer_problem(CapabilitySpec("mount", mode, "ext4")) is None
     assert check_capabilities(iscsi, [CapabilitySpec("mount", mode, "ext4")]) is None
+
+
+def test_reader_only_stage_mounts_read_only_without_journal_replay() -> None:
+    from csi import stagemode
+    assert stagemode.mount_options("ext4", ["noatime", "rw"], True) == ["noatime", "ro", "noload"]
+    assert stagemode.mount_options("xfs", [], True) == ["nouuid", "ro", "norecovery"]
+    assert stagemode.mount_options("ext4", ["noatime"], False) == ["noatime"]
+
+
+@pytest.mark.parametrize("mode,ro,multi", [("SINGLE_NODE_READER_ONLY", True, False),
+                                           ("MULTI_NODE_READER_ONLY", True, False),
+                                           ("MULTI_NODE_MULTI_WRITER", False, True),
+                                           ("SINGLE_NODE_WRITER", False, False)])
+def test_attach_intent_follows_the_mode(mode: str, ro: bool, multi: bool) -> None:
+    from csi import stagemode
+    cap = CapabilitySpec("block", mode)
+    assert stagemode.attach_args(cap) == {"readonly": ro, "multi_writer": multi}
+    assert stagemode.read_only(cap, {}) is ro
+    assert stagemode.read_only(CapabilitySpec("block", "SINGLE_NODE_WRITER"), {"readonly": True})
+
+
+def test_node_refuses_multi_node_writer_mount() -> None:
+    from backends.errors import InvalidArgument
+    from csi import stagemode
+    with pytest.raises(InvalidArgument):
+        stagemode.check(CapabilitySpec("mount", "MULTI_NODE_MULTI_WRITER", "ext4"))
+    stagemode.check(CapabilitySpec("block", "MULTI_NODE_MULTI_WRITER"))
