@@ -10,6 +10,8 @@ from backends.util import CommandError, run
 
 from .constants import SUPPORTED_FS_TYPES
 
+XFS_MIN_BYTES = 300 << 20  # mkfs.xfs (xfsprogs >= 5.19) refuses smaller file systems
+
 
 def probe(device: str) -> tuple[str, str]:
     """(filesystem type, partition table type) found on the device by low-level probing; ("", "") when blank.
@@ -28,6 +30,10 @@ def make(device: str, fstype: str) -> None:
     if fstype == "ext4":
         run(["mkfs.ext4", "-F", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", device], timeout=600)
     elif fstype == "xfs":
+        size = device_size(device)
+        if size < XFS_MIN_BYTES:  # mkfs.xfs would fail; say why rather than pass its stderr on as INTERNAL
+            raise InvalidArgument(f"fsType xfs needs a volume of at least 300 MiB; this one has {size} bytes "
+                                  "(use ext4, or a larger volume)")
         run(["mkfs.xfs", "-q", "-K", device], timeout=600)
     else:
         raise InvalidArgument(f"fsType {fstype!r} is not supported (one of {', '.join(SUPPORTED_FS_TYPES)})")
@@ -100,12 +106,23 @@ def stage_options(fstype: str, mount_flags: Sequence[str]) -> list[str]:
 
 def grow(device: str, mountpoint: str, fstype: str) -> None:
     """Grow a mounted filesystem to fill its device."""
-    if fstype == "ext4":
-        run(["resize2fs", device], timeout=600)
-    elif fstype == "xfs":
-        run(["xfs_growfs", mountpoint], timeout=600)
-    else:
+    if os.statvfs(mountpoint).f_flag & os.ST_RDONLY:  # resize2fs/xfs_growfs would fail with EPERM/EROFS
+        raise FailedPrecondition(f"the {fstype} filesystem of this volume is mounted read-only here (a reader-only "
+                                 "access mode or the ro mount flag); it cannot grow while staged that way")
+    if fstype not in ("ext4", "xfs"):
         raise InvalidArgument(f"cannot grow a {fstype} filesystem")
+    try:
+        if fstype == "ext4":
+            run(["resize2fs", device], timeout=600)
+        else:
+            run(["xfs_growfs", mountpoint], timeout=600)
+    except CommandError as e:
+        if "Permission denied" in e.stderr or "Operation not permitted" in e.stderr:
+            # the kernel refused the online resize ioctl: no CAP_SYS_RESOURCE here (a container without it), or a
+            # file system the kernel will not grow mounted; retrying cannot help, unstaging first (offline) can
+            raise FailedPrecondition(f"this node cannot grow the mounted {fstype} filesystem: the kernel refused the "
+                                     "online resize (the plugin needs CAP_SYS_RESOURCE)") from None
+        raise
 
 
 def device_size(device: str) -> int:

@@ -259,3 +259,57 @@ def test_busy_unmount_is_failed_precondition_naming_the_holder(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("FAILED_PRECONDITION"), out.stdout + out.stderr
     assert "busy" in out.stdout and "sleep[" in out.stdout, out.stdout
+
+
+def _loops_of(path_prefix: str) -> list[str]:
+    out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture_output=True,
+                         text=True, timeout=30).stdout
+    return [l for l in out.splitlines() if path_prefix in l]
+
+
+def test_xfs_on_a_volume_too_small_for_it_is_invalid_argument(server):
+    ch = server["channel"]
+    ctl, node = rpc.ControllerStub(ch), rpc.NodeStub(ch)
+    xfs = pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(fs_type="xfs"),
+                              access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER))
+    vid = ctl.CreateVolume(pb.CreateVolumeRequest(name="small-xfs", volume_capabilities=[xfs],
+                                                  capacity_range=pb.CapacityRange(required_bytes=16 * MIB)),
+                           timeout=60).volume.volume_id
+    stage = str(server["tmp"] / "stage-xfs")
+    os.makedirs(stage)
+    try:
+        code, msg = code_of(node.NodeStageVolume, pb.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=stage, volume_capability=xfs))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, msg)
+        assert "300 MiB" in msg
+        assert not _loops_of(str(server["tmp"])), "the refused stage left a loop device attached"
+    finally:
+        ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid), timeout=60)
+
+
+def test_expanding_a_read_only_staged_volume_is_failed_precondition(server):
+    ch = server["channel"]
+    ctl, node = rpc.ControllerStub(ch), rpc.NodeStub(ch)
+    reader = pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(fs_type="ext4"),
+                                 access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER))
+    vid = ctl.CreateVolume(pb.CreateVolumeRequest(name="ro-grow", volume_capabilities=[reader],
+                                                  capacity_range=pb.CapacityRange(required_bytes=16 * MIB)),
+                           timeout=60).volume.volume_id
+    stage = str(server["tmp"] / "stage-ro")
+    os.makedirs(stage)
+    try:
+        node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=stage,
+                                                       volume_capability=reader), timeout=60)  # formats it
+        node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=stage), timeout=60)
+        reader.mount.mount_flags.append("ro")
+        node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=stage,
+                                                       volume_capability=reader), timeout=60)
+        ctl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=32 * MIB)), timeout=60)
+        code, msg = code_of(node.NodeExpandVolume, pb.NodeExpandVolumeRequest(
+            volume_id=vid, volume_path=stage, capacity_range=pb.CapacityRange(required_bytes=32 * MIB)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, msg)
+        assert "read-only" in msg
+    finally:
+        node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=stage), timeout=60)
+        ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid), timeout=60)
