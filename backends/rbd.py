@@ -13,8 +13,9 @@ background job flattens the dependants and then purges it: DeleteVolume never wa
 snapshot does the same for the volumes restored from it. Clones and restores are clones too. A chain deeper than
 `cloneDepthLimit` (soft) is flattened in the background (a snapshot reports ready_to_use=false until then); a
 create whose chain would pass `cloneDepthHardLimit` answers ABORTED while its source is flattened
-(`backends/rbd_flatten.py`). Clusters that allow only clone v1 (require-min-compat-client below mimic) get
-FAILED_PRECONDITION naming the command that lifts the limit.
+(`backends/rbd_flatten.py`). On clusters that allow only clone v1 (require-min-compat-client below mimic, the
+default of many upgraded clusters) clones are v1: the parent keeps a protected snapshot named after each child until
+the child is flattened, deleted or purged.
 
 Concurrency across controller replicas: every create, clone, snapshot, delete and expand holds RADOS lease locks on
 the images it touches (`backends/rbd_locks.py`); the loser of a race gets ABORTED naming the holder.
@@ -1355,6 +1356,43 @@ class RbdBackend(Backend):
         if mnt:
             with contextlib.suppress(OSError):
                 os.rmdir(mnt)
+
+    # ---- changed-block tracking (backends/rbd_diff.py) ------------------------------------------------------
+    def metadata_block_size(self) -> Optional[int]:
+        from .rbd_diff import BLOCK
+        return BLOCK
+
+    def _snapshot_reader(self, local_id: str, secrets: Mapping[str, str]) -> tuple[Any, int]:
+        """(a function opening the snapshot's image read-only, its size); NotFound for no finished snapshot."""
+        self.get_snapshot(local_id, secrets)
+        pool, image = self._split(local_id, SNAP_PREFIX) or ("", "")
+        conn = self._conn(secrets)
+        what = f"snapshot {self.name}:{local_id}"
+
+        def open_image() -> Any:
+            img = self._open(conn, pool, image)
+            if img is None:
+                raise NotFound(f"{what} does not exist (it was deleted)")
+            return img
+        with self._ceph(f"read {what}", conn):
+            with open_image() as img:
+                return open_image, img.size()
+
+    def allocated_ranges(self, snapshot_local_id: str, start: int, secrets: Mapping[str, str]) -> "RangeStream":
+        from . import rbd_diff
+        from .base import RangeStream
+        opener, size = self._snapshot_reader(snapshot_local_id, secrets)
+        guard = lambda: self._ceph(f"diff snapshot {self.name}:{snapshot_local_id}")  # noqa: E731
+        return RangeStream(size, rbd_diff.allocated(opener, guard, size, start))
+
+    def changed_ranges(self, base_local_id: str, target_local_id: str, start: int,
+                       secrets: Mapping[str, str]) -> "RangeStream":
+        from . import rbd_diff
+        from .base import RangeStream
+        open_base, _ = self._snapshot_reader(base_local_id, secrets)
+        open_target, size = self._snapshot_reader(target_local_id, secrets)
+        guard = lambda: self._ceph(f"diff snapshots {self.name}:{base_local_id} and {target_local_id}")  # noqa: E731
+        return RangeStream(size, rbd_diff.changed(open_base, open_target, guard, size, start))
 
 
 class _Frozen:
