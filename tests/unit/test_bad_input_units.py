@@ -74,3 +74,24 @@ def test_decode_turns_undecodable_bytes_into_invalid_argument():
     assert "csi.v1.DeleteVolumeRequest" in str(err.value)
     with pytest.raises(e.InvalidArgument):
         decode(pb.GetPluginInfoRequest.FromString, b"\x0a\x05ab")  # a truncated field
+
+
+def test_backends_declare_their_largest_volume(tmp_path):
+    """What the controller refuses with OUT_OF_RANGE before any work (csi/controllerops.py `_size`)."""
+    import os
+
+    from backends.base import Runtime
+    from backends.file import MAX_FILE_BYTES, FileBackend, FileOptions
+    rt = Runtime("tessera.csi.dev", "n", str(tmp_path), "t")
+    fb = FileBackend("local", FileOptions(directory=str(tmp_path / "f")), rt)
+    st = os.statvfs(tmp_path)
+    assert fb.max_volume_bytes() == min(st.f_blocks * st.f_frsize, MAX_FILE_BYTES)
+    assert fb.get_capacity({}, None).maximum_volume_size == fb.max_volume_bytes()
+    rbd = pytest.importorskip("rbd", reason="MISSING: python3-rbd")  # noqa: F841 - the backend module needs it
+    from backends.rbd import RbdBackend, RbdOptions
+    with_map = RbdBackend("ceph", RbdOptions(monitors=["127.0.0.1:6789"], pool="kube"), rt)
+    assert with_map.max_volume_bytes() == 256_000_000 * (4 << 20)  # object-map: 256M objects of 4 MiB
+    assert with_map.max_volume_bytes({"imageFeatures": "layering"}) is None
+    without = RbdBackend("ceph", RbdOptions(monitors=["127.0.0.1:6789"], pool="kube", imageFeatures=["layering"]), rt)
+    assert without.max_volume_bytes() is None
+    assert without.max_volume_bytes({"imageFeatures": "layering,exclusive-lock,object-map"}) is not None
