@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -45,10 +46,17 @@ def report(tmp_path_factory) -> dict:
     out = os.path.join(root, "report.json")
     work = os.path.join(root, "w")
     os.makedirs(work)
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
-                        os.path.join(HERE, "driver.py"), "--root", work, "--requests", str(REQUESTS),
-                        "--seed", str(SEED), "--report", out], capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0 and os.path.exists(out), f"the driver failed ({r.returncode}):\n{r.stderr[-4000:]}"
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", sys.executable,
+                             os.path.join(HERE, "driver.py"), "--root", work, "--requests", str(REQUESTS),
+                             "--seed", str(SEED), "--report", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=540)  # inside pytest-timeout's 600 s, so the driver's group is ended here
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its server and their children: one session
+        proc.communicate()
+        raise AssertionError("the hostile run did not finish within 540 s") from None
+    assert proc.returncode == 0 and os.path.exists(out), f"the driver failed ({proc.returncode}):\n{err[-4000:]}"
     with open(out) as f:
         data = json.load(f)
     assert "error" not in data, f"the hostile run broke:\n{data['error']}"
