@@ -603,13 +603,18 @@ class NodeOps:
                 if os.listdir(target):
                     raise FailedPrecondition(f"target_path {shown(target)} is a non-empty directory; a raw block "
                                              "volume is published as a file, and the directory was left alone")
-                # an empty directory a tester made: replaced by the device's file and put back at unpublish
-                entry["replaced_dir"] = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
+                # an empty directory a tester made (csi-sanity does): moved aside — the same directory, same inode,
+                # renamed beside it — while the device's file takes its place, and moved back at unpublish
+                aside = _aside_name(target)
+                if os.path.lexists(aside):
+                    raise FailedPrecondition(f"target_path {shown(target)} is a directory and {shown(aside)}, where "
+                                             "it would be kept while the raw block volume is published, exists")
+                entry["replaced_dir"] = {"aside": aside, "inode": st.st_ino}
                 entry["created"] = "file"
                 rec.targets[target] = entry
-                self._save(rec)
-                os.rmdir(target)
-                undo.push("the replaced directory", lambda: _put_back_dir(target, entry["replaced_dir"]))
+                self._save(rec)  # recorded before it is moved
+                os.rename(target, aside)
+                undo.push("the directory moved aside", lambda: _put_back_dir(target, entry["replaced_dir"]))
                 st = None
             elif st is not None:
                 if not stat.S_ISREG(st.st_mode) or st.st_size != 0 or st.st_nlink != 1:
@@ -860,12 +865,24 @@ def _unlink_if_created(path: str, entry: Mapping) -> None:
     os.unlink(path)
 
 
+def _aside_name(target: str) -> str:
+    """Where an empty directory found at a raw block target is kept while the volume is published there."""
+    head, tail = os.path.split(target)
+    return os.path.join(head, ".tessera-aside-" + hashlib.sha256(tail.encode("utf-8", "surrogateescape"))
+                        .hexdigest()[:16])
+
+
 def _put_back_dir(path: str, meta: Mapping) -> None:
-    if os.path.lexists(path):
-        return
-    os.mkdir(path, 0o700)
+    """Move the directory set aside by a raw block publish back to `path` — only that directory (same inode)."""
+    aside = meta.get("aside", "")
     try:
-        os.chown(path, int(meta.get("uid", 0)), int(meta.get("gid", 0)))
-        os.chmod(path, int(meta.get("mode", 0o750)))
-    except OSError:
-        pass
+        st = os.lstat(aside) if aside else None
+    except FileNotFoundError:
+        st = None
+    if st is None or not stat.S_ISDIR(st.st_mode) or st.st_ino != meta.get("inode"):
+        log.warning("the directory kept aside for %s is no longer there; nothing put back", shown(path))
+        return
+    if os.path.lexists(path):
+        log.warning("%s exists again; the directory kept aside at %s stays there", shown(path), shown(aside))
+        return
+    os.rename(aside, path)

@@ -278,9 +278,11 @@ else:
         assert node.state_now() == before
         assert node.ctl.get_volume(other)[1].abnormal is False
         # an empty directory a tester made is replaced by the device file, and put back at unpublish
+        inode = os.stat(decoys["empty"]).st_ino
         node.ops.publish(vid, staging, decoys["empty"], BLOCK, False)
         assert stat.S_ISBLK(os.stat(decoys["empty"]).st_mode)
         node.ops.unpublish(vid, decoys["empty"])
+        assert os.stat(decoys["empty"]).st_ino == inode, "the very directory is back, not a new one"
         # an empty file the CO made is mounted over and never removed
         empty_file = os.path.join(os.path.dirname(decoys["file"]), "co-made")
         open(empty_file, "w").close()
