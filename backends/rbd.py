@@ -49,7 +49,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Optional
 from pydantic import Field, model_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
-                   SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
+                   Orphan, SINGLE_NODE_MODES, Snapshot, Usage, Volume, object_uuid)
 from .errors import (Aborted, AlreadyExists, BackendUnavailable, CapacityExceeded, DeadlineExceeded, FailedPrecondition,
                      Internal, InUse, InvalidArgument, NotFound, OutOfRange, PermissionDenied, TesseraError)
 from .locking import Claim, LockProvider, Operation
@@ -994,8 +994,9 @@ class RbdBackend(Backend):
             out.append((pool, n, _Frozen(img), meta))
         return out
 
-    def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
-        pool = parameters.get("pool", self.options.pool)
+    def _pool_stats(self, pool: str) -> dict[str, Any]:
+        """The pool's row of `ceph df` (max_avail, bytes_used, percent_used, ...). The figures come from the
+        ceph-mgr: without one, BackendUnavailable saying so."""
         conn = self._conn({})
         with self._ceph(f"capacity of pool {pool}", conn):
             ret, out, err = conn.rados.mon_command(json.dumps({"prefix": "df", "format": "json"}), b"",
@@ -1009,8 +1010,50 @@ class RbdBackend(Backend):
                                      "ceph-mgr running, or it has not reported yet); start one and retry")
         for p in df.get("pools", []):
             if p.get("name") == pool:
-                return Capacity(available_bytes=int(p["stats"]["max_avail"]))
+                return p["stats"]
         raise NotFound(f"ceph pool {pool!r} does not exist")
+
+    def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
+        return Capacity(available_bytes=int(self._pool_stats(parameters.get("pool", self.options.pool))["max_avail"]))
+
+    # ---- operator views ---------------------------------------------------------------------------------------
+    def usage(self) -> Usage:
+        """Counts from the listings; the default pool's size (used + what it may still take), free space and use
+        in percent from the ceph-mgr (absent without one, and said so in `problems`)."""
+        out = super().usage()
+        out.free_bytes = None
+        out.problems = [p for p in out.problems if not p.startswith("free_bytes:")]
+        try:
+            stats = self._pool_stats(self.options.pool)
+            used, avail = int(stats.get("bytes_used", 0)), int(stats["max_avail"])
+            out.total_bytes, out.free_bytes = used + avail, avail
+            out.gauges["pool_used_percent"] = float(stats.get("percent_used", 0.0)) * 100.0
+        except Exception as e:  # noqa: BLE001 - reported as a problem, never raised into the metrics thread
+            out.problems.append(f"pool {self.options.pool}: {e}")
+        return out
+
+    def orphans(self) -> list[Orphan]:
+        """Images with Tessera's name prefix in this backend's pools that carry no request name: a create that
+        stopped before its commit point (retrying that create removes and redoes it), or an image made by hand.
+        The lease-lock objects of names never created are not listed: finding them means reading every object of
+        the pool."""
+        import rbd
+        conn = self._conn({})
+        out: list[Orphan] = []
+        for pool in dict.fromkeys([self.options.pool, *self.options.extraPools]):
+            with self._ceph(f"list pool {pool}", conn):
+                names = sorted(n for n in rbd.RBD().list(conn.ioctx(pool)) if n.startswith((VOL_PREFIX, SNAP_PREFIX)))
+            for n in names:
+                with self._ceph(f"read {pool}/{n}", conn):
+                    img = self._open(conn, pool, n)
+                    if img is None:
+                        continue
+                    with img:
+                        if "name" not in self._meta(img):
+                            out.append(Orphan(f"{pool}/{n}", "image without Tessera's request metadata: a create "
+                                                             "that stopped before its commit point (a retry of "
+                                                             "that create redoes it), or made by hand"))
+        return out
 
     def expand_volume(self, local_id: str, size_bytes: int, secrets: Mapping[str, str]) -> tuple[int, bool]:
         import rbd
