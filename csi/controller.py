@@ -34,7 +34,7 @@ class ControllerService(rpc.ControllerServicer):
         if self._has("capacity"):
             types.append(_Cap.GET_CAPACITY)
         if self._has("snapshots"):
-            types += [_Cap.CREATE_DELETE_SNAPSHOT, _Cap.LIST_SNAPSHOTS]
+            types += [_Cap.CREATE_DELETE_SNAPSHOT, _Cap.LIST_SNAPSHOTS, _Cap.GET_SNAPSHOT]
         if self._has("clones"):
             types.append(_Cap.CLONE_VOLUME)
         if self._has("expand"):
@@ -176,4 +176,9 @@ class ControllerService(rpc.ControllerServicer):
         raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "ControllerModifyVolume is not supported by Tessera")
 
     def GetSnapshot(self, request, context):
-        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "GetSnapshot is not supported; use ListSnapshots")
+        if not self._has("snapshots"):
+            raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "no configured backend supports snapshots")
+        if not request.snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        sid, snap = self.ops.get_snapshot(request.snapshot_id, request.secrets)
+        return pb.GetSnapshotResponse(snapshot=convert.snapshot(sid, self.ops.source_volume_id(sid, snap), snap))

@@ -342,6 +342,16 @@ class ControllerOps:
                                   provider=backend.operation_lock_provider()):
             backend.delete_snapshot(oid.local, secrets)
 
+    def get_snapshot(self, snapshot_id: str, secrets: Mapping[str, str] = {}) -> tuple[str, Snapshot]:
+        """GetSnapshot. A read of one snapshot takes no claim, like ControllerGetVolume and ListSnapshots: it
+        changes nothing, and the spec wants a snapshot still being made (ready_to_use false) answered, not ABORTED
+        behind a flatten or a create. A snapshot that is gone, or an ID that cannot be one of ours, is NotFound."""
+        oid = parse_id(snapshot_id, "snapshot")
+        backend = self.backends.for_id(oid.backend, f"snapshot {snapshot_id!r}")
+        if not backend.features().snapshots:
+            raise NotFound(f"snapshot {snapshot_id!r} does not exist: backend {backend.name!r} has no snapshots")
+        return snapshot_id, backend.get_snapshot(oid.local, secrets)
+
     def list_snapshots(self, max_entries: int, starting_token: str, snapshot_id: str = "",
                        source_volume_id: str = "", secrets: Mapping[str, str] = {}) -> Page:
         snaps: list[tuple[str, Snapshot]] = []

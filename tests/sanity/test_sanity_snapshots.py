@@ -218,3 +218,37 @@ class TestRestoreAndClone:
             got = ctl(plugin).ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=restored.volume_id),
                                                   timeout=60)
             assert got.volume.content_source.snapshot.snapshot_id == snap.snapshot_id
+
+
+class TestGetSnapshot:
+    """GetSnapshot (spec §GetSnapshot, CSI v1.12): the snapshot as CreateSnapshot described it; NOT_FOUND once gone."""
+
+    @pytest.fixture(autouse=True)
+    def _cap(self, plugin):
+        plugin.require("GET_SNAPSHOT")
+
+    def test_missing_id(self, plugin):
+        expect_code(ctl(plugin).GetSnapshot, pb.GetSnapshotRequest(), C.INVALID_ARGUMENT)
+
+    def test_unknown_not_found(self, plugin, unknown_snap):
+        expect_code(ctl(plugin).GetSnapshot, pb.GetSnapshotRequest(snapshot_id=unknown_snap), C.NOT_FOUND)
+
+    def test_malformed_not_found(self, plugin):
+        for raw in ("garbage id", "x" * 300, "local:../../etc/passwd"):
+            expect_code(ctl(plugin).GetSnapshot, pb.GetSnapshotRequest(snapshot_id=raw), C.NOT_FOUND)
+
+    def test_get_created(self, plugin, ledger):
+        vol = ledger.create_volume(plugin.create_request())
+        made = ledger.create_snapshot(snap_request(plugin, vol.volume_id))
+        got = ctl(plugin).GetSnapshot(pb.GetSnapshotRequest(snapshot_id=made.snapshot_id), timeout=60).snapshot
+        assert got.snapshot_id == made.snapshot_id
+        assert got.source_volume_id == vol.volume_id
+        assert got.creation_time == made.creation_time
+        assert got.size_bytes == made.size_bytes
+        assert got.ready_to_use == made.ready_to_use
+
+    def test_deleted_not_found(self, plugin, ledger):
+        vol = ledger.create_volume(plugin.create_request())
+        snap = ledger.create_snapshot(snap_request(plugin, vol.volume_id))
+        ledger.delete_snapshot(snap.snapshot_id)
+        expect_code(ctl(plugin).GetSnapshot, pb.GetSnapshotRequest(snapshot_id=snap.snapshot_id), C.NOT_FOUND)
