@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -379,6 +379,36 @@ class Backend(abc.ABC):
             except Exception as e:  # noqa: BLE001 - reported as a problem, never raised into the metrics thread
                 out.problems.append(f"{attr}: {e}")
         return out
+
+    # ---- changed-block tracking (the SnapshotMetadata service, csi/snapshot_metadata.py) --------------------
+    def metadata_block_size(self) -> Optional[int]:
+        """The unit, in bytes, that `allocated_ranges` and `changed_ranges` align their extents to (each extent
+        starts on a multiple of it and ends on one or at the volume's end), or None (the default): this backend
+        cannot tell which blocks of a snapshot hold data or changed, and the service answers FAILED_PRECONDITION
+        for its snapshots (the caller then makes a full backup)."""
+        return None
+
+    def allocated_ranges(self, snapshot_local_id: str, start: int, secrets: Mapping[str, str]) -> "RangeStream":
+        """The extents of the snapshot that hold data (were written), from the one holding byte `start` on.
+        NotFound for a snapshot that does not exist, raised here, before any range is produced; the ranges
+        themselves come lazily (a generator that opens what it reads itself) so memory stays flat."""
+        raise Unsupported(f"backend {self.name!r} cannot report the allocated blocks of a snapshot")
+
+    def changed_ranges(self, base_local_id: str, target_local_id: str, start: int,
+                       secrets: Mapping[str, str]) -> "RangeStream":
+        """The extents whose content differs between two snapshots of one volume (the caller checked that they
+        are), from the one holding byte `start` on; the stream's capacity is the target's size. Same rules as
+        `allocated_ranges`."""
+        raise Unsupported(f"backend {self.name!r} cannot report the changed blocks between snapshots")
+
+
+@dataclass
+class RangeStream:
+    """Snapshot metadata from a backend: the volume size the snapshot(s) describe, known before streaming starts
+    (the service checks the requested offset against it), and the extents as an ascending, lazily computed
+    iterator of (offset, length) (see backends/range_diff.py)."""
+    capacity_bytes: int
+    ranges: Iterator[tuple[int, int]]
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Optional
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from . import snapshot_metadata
 from ._pb import csi_pb2_grpc as rpc
 from .config import Config
 from .controller import ControllerService
@@ -95,6 +96,9 @@ def build(config: Config, endpoint: str, node_name: str, mode: str = "all", work
     rpc.add_IdentityServicer_to_server(IdentityService(backends, controller, mode in ("all", "node")), server)
     if controller:
         rpc.add_ControllerServicer_to_server(ControllerService(ControllerOps(backends, locks, serving=True)), server)
+        if snapshot_metadata.supported(backends):  # else absent: a caller meets UNIMPLEMENTED, as for any service
+            rpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata.SnapshotMetadataService(
+                snapshot_metadata.SnapshotMetadataOps(backends, locks)), server)
     if mode in ("all", "node"):
         nodeops = NodeOps(backends, config.node.maxVolumesPerNode, config.node.allowedPathPrefixes, locks)
         nodeops.reconcile()  # records whose mounts and devices are gone (a reboot) are dropped, and logged
