@@ -102,10 +102,8 @@ def test_no_decoy_changed_or_removed(report):
     _none(report, "decoy")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a raw-block NodePublishVolume onto an existing empty directory "
-                                       "the plugin did not create removes it and NodeUnpublishVolume makes a new "
-                                       "one (another inode); csi/nodeops.py, the node-path helper's area")
 def test_no_empty_directory_replaced(report):
+    """An empty directory at a raw block target is the same directory (inode) after unpublish, not a new one."""
     _none(report, "decoy-empty-dir-replaced")
 
 
