@@ -97,7 +97,7 @@ def build(config: Config, endpoint: str, node_name: str, mode: str = "all", work
     if controller:
         rpc.add_ControllerServicer_to_server(ControllerService(ControllerOps(backends, locks, serving=True)), server)
         if snapshot_metadata.supported(backends):  # else absent: a caller meets UNIMPLEMENTED, as for any service
-            rpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata.SnapshotMetadataService(
+            snapshot_metadata.add_to_server(snapshot_metadata.SnapshotMetadataService(
                 snapshot_metadata.SnapshotMetadataOps(backends, locks)), server)
     if mode in ("all", "node"):
         nodeops = NodeOps(backends, config.node.maxVolumesPerNode, config.node.allowedPathPrefixes, locks)

@@ -45,7 +45,7 @@ from ._pb import csi_pb2 as pb
 from ._pb import csi_pb2_grpc as rpc
 from .errors import status_for
 from .ids import ObjectId, parse_id
-from .interceptors import LATENCY, REQUESTS
+from .interceptors import LATENCY, REQUESTS, decode
 from .locks import KeyedLocks, snapshot_key
 from .redact import safe_bounded_dict
 from .registry import Backends
@@ -156,58 +156,83 @@ def _blocks(batch: list[Range]) -> list["pb.BlockMetadata"]:
 
 
 class SnapshotMetadataService(rpc.SnapshotMetadataServicer):
+    """The servicer. Register it with `add_to_server` (not the generated function), so requests reach it as bytes
+    and are parsed inside the call, as the unary interceptor does for every other RPC (csi/interceptors.py): bytes
+    protobuf cannot parse are then INVALID_ARGUMENT, logged and counted, instead of grpc's bare INTERNAL."""
+
     def __init__(self, ops: SnapshotMetadataOps) -> None:
         self.ops = ops
 
     def GetMetadataAllocated(self, request, context):
-        messages = self.ops.allocated(request.snapshot_id, request.starting_offset, request.max_results,
-                                      request.secrets)
-        return _served("GetMetadataAllocated", request, context, messages, lambda cap, batch:
-                       pb.GetMetadataAllocatedResponse(block_metadata_type=VARIABLE_LENGTH,
-                                                       volume_capacity_bytes=cap, block_metadata=_blocks(batch)),
-                       {"snapshot_id": request.snapshot_id})
+        def start(req: Any) -> tuple[Iterator[tuple[int, list[Range]]], Callable[[int, list[Range]], Any]]:
+            return (self.ops.allocated(req.snapshot_id, req.starting_offset, req.max_results, req.secrets),
+                    lambda cap, batch: pb.GetMetadataAllocatedResponse(
+                        block_metadata_type=VARIABLE_LENGTH, volume_capacity_bytes=cap, block_metadata=_blocks(batch)))
+        return _served("GetMetadataAllocated", pb.GetMetadataAllocatedRequest, request, context, start,
+                       ("snapshot_id",))
 
     def GetMetadataDelta(self, request, context):
-        messages = self.ops.delta(request.base_snapshot_id, request.target_snapshot_id, request.starting_offset,
-                                  request.max_results, request.secrets)
-        return _served("GetMetadataDelta", request, context, messages, lambda cap, batch:
-                       pb.GetMetadataDeltaResponse(block_metadata_type=VARIABLE_LENGTH,
-                                                   volume_capacity_bytes=cap, block_metadata=_blocks(batch)),
-                       {"base_snapshot_id": request.base_snapshot_id,
-                        "target_snapshot_id": request.target_snapshot_id})
+        def start(req: Any) -> tuple[Iterator[tuple[int, list[Range]]], Callable[[int, list[Range]], Any]]:
+            return (self.ops.delta(req.base_snapshot_id, req.target_snapshot_id, req.starting_offset,
+                                   req.max_results, req.secrets),
+                    lambda cap, batch: pb.GetMetadataDeltaResponse(
+                        block_metadata_type=VARIABLE_LENGTH, volume_capacity_bytes=cap, block_metadata=_blocks(batch)))
+        return _served("GetMetadataDelta", pb.GetMetadataDeltaRequest, request, context, start,
+                       ("base_snapshot_id", "target_snapshot_id"))
 
 
-def _served(method: str, request: Any, context: grpc.ServicerContext,
-            messages: Iterator[tuple[int, list[Range]]], build: Callable[[int, list[Range]], Any],
-            ids: Mapping[str, str]) -> Iterator[Any]:
+def add_to_server(service: SnapshotMetadataService, server: grpc.Server) -> None:
+    """Register the service with raw-bytes request handlers (see SnapshotMetadataService)."""
+    handlers = {
+        "GetMetadataAllocated": grpc.unary_stream_rpc_method_handler(
+            service.GetMetadataAllocated, request_deserializer=None,
+            response_serializer=pb.GetMetadataAllocatedResponse.SerializeToString),
+        "GetMetadataDelta": grpc.unary_stream_rpc_method_handler(
+            service.GetMetadataDelta, request_deserializer=None,
+            response_serializer=pb.GetMetadataDeltaResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("csi.v1.SnapshotMetadata", handlers),))
+
+
+def _served(method: str, request_cls: Any, raw: Any, context: grpc.ServicerContext,
+            start: Callable[[Any], tuple[Iterator[tuple[int, list[Range]]], Callable[[int, list[Range]], Any]]],
+            id_fields: tuple[str, ...]) -> Iterator[Any]:
     """The stream as gRPC sends it, with what the unary interceptor (csi/interceptors.py, which wraps unary calls
-    only) does for the others: typed errors mapped to codes (csi/errors.py), INTERNAL logged with its traceback,
-    one log line and the request metrics per call. Secrets are never part of the line."""
-    start = time.monotonic()
+    only) does for the others: the request parsed here (bad bytes: INVALID_ARGUMENT), typed errors mapped to codes
+    (csi/errors.py), INTERNAL logged with its traceback, one log line and the request metrics per call. Secrets are
+    never part of the line."""
+    began = time.monotonic()
     code, message = grpc.StatusCode.OK, ""
     sent = tuples = 0
+    request: Any = None
+    messages: Optional[Iterator[tuple[int, list[Range]]]] = None
     try:
+        request = decode(request_cls.FromString, raw)
+        messages, build = start(request)
         for cap, batch in messages:
             yield build(cap, batch)
             sent += 1
             tuples += len(batch)
     except GeneratorExit:  # the caller went away: the claims are given back as `messages` closes
         code = grpc.StatusCode.CANCELLED
-        messages.close()
+        if messages is not None:
+            messages.close()  # type: ignore[attr-defined]
         raise
     except Exception as exc:  # every failure path: the stream must end in an error, never a clean end
         code, message = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
-            log.exception("error in %s: %s", method, clip(json.dumps(safe_bounded_dict(request), default=str), 4096))
+            rendered = clip(json.dumps(safe_bounded_dict(request), default=str), 4096) if request is not None else "?"
+            log.exception("error in %s: %s", method, rendered)
         context.abort(code, message)
     finally:
-        elapsed = time.monotonic() - start
+        elapsed = time.monotonic() - began
         REQUESTS.labels(method, code.name).inc()
         LATENCY.labels(method, code.name).observe(elapsed)
-        fields: dict[str, Any] = {"method": method, **{k: clip(v, 256) for k, v in ids.items() if v},
-                                  "starting_offset": request.starting_offset, "max_results": request.max_results,
-                                  "messages": sent, "ranges": tuples, "duration_ms": round(elapsed * 1000, 2),
-                                  "code": code.name}
+        fields: dict[str, Any] = {"method": method}
+        if request is not None:
+            fields.update({f: clip(getattr(request, f), 256) for f in id_fields if getattr(request, f)})
+            fields.update(starting_offset=request.starting_offset, max_results=request.max_results)
+        fields.update(messages=sent, ranges=tuples, duration_ms=round(elapsed * 1000, 2), code=code.name)
         if message:
             fields["message"] = message
         log.log(logging.INFO if code in (grpc.StatusCode.OK, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED)

@@ -144,3 +144,17 @@ def test_secrets_never_logged(client, server, scenario):
     md.allocated_code(pb.GetMetadataAllocatedRequest(snapshot_id="fake-snapshot-id", secrets={"userKey": secret}))
     with open(server.log_path, "rb") as f:
         assert secret.encode() not in f.read()
+
+
+def test_undecodable_request_is_invalid_argument(client, server):
+    """A snapshot_id that is not UTF-8 (protobuf cannot parse it): INVALID_ARGUMENT naming the message, as for
+    every unary RPC, not grpc's bare INTERNAL; the server lives on."""
+    for method, reply in (("GetMetadataAllocated", pb.GetMetadataAllocatedResponse),
+                          ("GetMetadataDelta", pb.GetMetadataDeltaResponse)):
+        call = client.channel.unary_stream(f"/csi.v1.SnapshotMetadata/{method}", request_serializer=None,
+                                           response_deserializer=reply.FromString)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(b"\x0a\x02\xff\xfe", timeout=60))
+        assert info.value.code() == C.INVALID_ARGUMENT, info.value.details()
+        assert "csi.v1." in info.value.details()
+    assert server.alive()
