@@ -313,3 +313,13 @@ def test_expanding_a_read_only_staged_volume_is_failed_precondition(server):
     finally:
         node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=stage), timeout=60)
         ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid), timeout=60)
+
+
+def test_undecodable_streaming_request_is_invalid_argument(server):
+    """Server-streaming methods decode in the plugin too (the health service's Watch here)."""
+    watch = server["channel"].unary_stream("/grpc.health.v1.Health/Watch", request_serializer=None,
+                                           response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as err:
+        next(iter(watch(b"\x0a\x03\xff\xfe\xfd", timeout=10)))  # field 1 (service, a string) not UTF-8
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "grpc.health.v1.HealthCheckRequest" in err.value.details()
