@@ -38,7 +38,7 @@ from backends.errors import (AlreadyExists, BackendUnavailable, FailedPreconditi
                              TesseraError)
 from backends.util import CommandError, read_json, write_json_atomic
 
-from . import constants, filesystems, loopdev, mounts
+from . import constants, filesystems, loopdev, mounts, stagemode
 from .ids import NodeRef, parse_id
 from .locks import KeyedLocks
 from .paths import check_path, shown
@@ -311,6 +311,7 @@ class NodeOps:
                 raise InvalidArgument(f"fsType {shown(fs_type, 40)} is not supported "
                                       f"(one of {', '.join(constants.SUPPORTED_FS_TYPES)})")
             filesystems.check_mount_flags(capability.mount_flags)
+        stagemode.check(capability)  # a multi-node writer mount: INVALID_ARGUMENT before anything is done
         if capability.access_mode not in backend.features().access_modes:
             raise FailedPrecondition(f"access mode {capability.access_mode} is not supported by this volume")
         with self.locks.hold("volume/" + volume_id):
@@ -384,7 +385,7 @@ class NodeOps:
             # attach (recorded first: a crash after the attach leaves a record a retry completes)
             rec.state = ATTACHING
             self._save(rec)
-            att = backend.node_attach(local, context, publish_context, secrets)
+            att = backend.node_attach(local, context, publish_context, secrets, **stagemode.attach_args(cap))
             if top is None:  # nothing of the volume's is mounted: a failure detaches what this call attached
                 undo.push("the attach", lambda: backend.node_detach(local, att))
             try:
@@ -405,10 +406,12 @@ class NodeOps:
             self._save(rec)
 
             if cap.access_type == "mount" and top is None:
-                filesystems.ensure_formatted(att.device, fs_type)
+                readonly = stagemode.read_only(cap, att.data)  # reader-only: never formats, mounts ro + noload
+                stagemode.prepare(att.device, fs_type, readonly)
                 rec.staging_mounted = True
                 self._save(rec)  # recorded before it is made
-                mounts.mount(att.device, staging_path, fs_type, filesystems.stage_options(fs_type, cap.mount_flags))
+                mounts.mount(att.device, staging_path, fs_type,
+                             stagemode.mount_options(fs_type, cap.mount_flags, readonly))
                 rdev = st.st_rdev
                 undo.push("the staging mount", lambda: self._unmount_ours(
                     staging_path, lambda e: self._staging_mount_ours(e, staging_path, rdev), "staging_target_path"))

@@ -162,6 +162,18 @@ else:
                 subprocess.run(["losetup", "-d", name], capture_output=True)
             return [m for m in left["mounts"] if "/decoys/" not in m[0]] + left["loops"]
 
+    @pytest.fixture(scope="session", autouse=True)
+    def _release_foreign_mounts(tmp_path_factory):
+        """The private namespace starts with a copy of every host mount, among them other test runs' loop-device
+        mounts under the temporary directory; a copy pins its device (their detach would only mark it). Drop those
+        copies here — in this namespace only — so this run never holds another run's device."""
+        import tempfile
+        mine = str(tmp_path_factory.getbasetemp())
+        tmp = os.path.realpath(tempfile.gettempdir()) + "/"
+        for m in sorted(mounts.table(), key=lambda m: len(m.mountpoint), reverse=True):
+            if m.mountpoint.startswith(tmp) and not m.mountpoint.startswith(mine):
+                subprocess.run(["umount", "-l", m.mountpoint], capture_output=True)
+
     @pytest.fixture(params=["no-prefixes", "prefixes"])
     def node(request, tmp_path):
         if os.geteuid() != 0 or not all(shutil.which(t) for t in TOOLS):
