@@ -8,6 +8,7 @@ over the allocated objects of both snapshots)."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import grpc
@@ -32,15 +33,17 @@ FEATURES = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(ceph_cluster: CephInfo, tmp_path_factory):
+# flattenPolicy: `depth` keeps snapshot images as clones of the volume (reads go through the parent); `always`
+# flattens each snapshot image at once (its own objects, copied up from the volume)
+@pytest.fixture(scope="module", params=["depth", "always"], ids=["clone", "flattened"])
+def server(ceph_cluster: CephInfo, tmp_path_factory, request):
     workdir = str(tmp_path_factory.mktemp("rbd-snapmeta"))
     config = os.path.join(workdir, "config.yaml")
     with open(config, "w") as f:
         yaml.safe_dump({"backends": {"ceph": {
             "type": "rbd", "monitors": [ceph_cluster.monitors], "user": ceph_cluster.csi_user,
             "keyringPath": ceph_cluster.csi_keyring, "pool": ceph_cluster.pool, "mounter": "fuse",
-            "connectTimeout": 10, "opTimeout": 20}}}, f)
+            "flattenPolicy": request.param, "connectTimeout": 10, "opTimeout": 20}}}, f)
     srv = ServerProcess(os.path.join(workdir, "srv"), config=config, node_id="cbt-rbd-node").start()
     yield srv
     rc = srv.stop()
@@ -78,6 +81,16 @@ def dirs(tmp_path):
     return Dirs()
 
 
+def wait_ready(client, snapshot_id: str, attempts: int = 600) -> None:
+    """Until GetSnapshot says ready_to_use: with flattenPolicy always, when the background flatten has finished (the
+    metadata is then read from the flattened image, and no flatten is left to meet the test's cleanup)."""
+    for _ in range(attempts):
+        if client.controller.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=snapshot_id), timeout=60).snapshot.ready_to_use:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"snapshot {snapshot_id} never became ready_to_use")
+
+
 def test_capability_advertised(client):
     assert PLUGIN.Value("SNAPSHOT_METADATA_SERVICE") in client.plugin_caps()
 
@@ -85,6 +98,8 @@ def test_capability_advertised(client):
 @pytest.mark.parametrize("features", list(FEATURES), ids=list(FEATURES))
 def test_allocated_delta_and_paging(client, ledger, dirs, features):
     sc = make_scenario(ledger, dirs, {"backend": "ceph", **FEATURES[features]}, prefix="cbt-rbd")
+    for snap in (sc.first, sc.second, sc.other):
+        wait_ready(client, snap.snapshot_id)
     md = Metadata(client)
     messages, capacity = md.allocated(sc.first.snapshot_id)
     assert capacity == SIZE
