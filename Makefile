@@ -5,7 +5,7 @@ RUN_DIR   ?= $(CURDIR)/.run
 ENDPOINT  ?= unix://$(RUN_DIR)/csi.sock
 PYTEST_ARGS ?=
 
-.PHONY: run test deps-core deps-all proto proto-check schema unit e2e bench clean
+.PHONY: run test deps-core deps-all proto proto-check schema unit e2e image bench clean
 
 ## run: install what the file backend needs, then serve the driver on the embedded default (file backend)
 run: deps-core
@@ -39,6 +39,11 @@ unit:
 ## e2e: only the real-kernel guest stage
 e2e: deps-all
 	TESSERA_REQUIRE_ALL=1 $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+## image: build deploy/image/Dockerfile with podman as tests/image does (store /var/cache/tessera-image; cached by
+## the recipe's hash), then print the timings and the image's size
+image: deps-all
+	$(PY) -m tests.image.build
 
 ## bench: every benchmark, printing its figures
 bench: deps-all

@@ -51,7 +51,7 @@ class Scenario:
     other: pb.Snapshot  # a snapshot of another volume
 
 
-def _write(ledger: Ledger, dirs, vol: pb.Volume, writes: Iterable[Range], seed: int) -> None:
+def write_blocks(ledger: Ledger, dirs, vol: pb.Volume, writes: Iterable[Range], seed: int) -> None:
     cap = block_cap()
     staging, target = dirs.staging(), dirs.target()
     ledger.stage(vol, staging, cap)
@@ -81,12 +81,12 @@ def make_scenario(ledger: Ledger, dirs, params: Optional[dict[str, str]] = None,
                                                                name=f"{prefix}-snap-{uuid.uuid4().hex[:10]}"))
     vol = create()
     assert vol.capacity_bytes == SIZE
-    _write(ledger, dirs, vol, BEFORE, 1)
+    write_blocks(ledger, dirs, vol, BEFORE, 1)
     first = snap(vol)
-    _write(ledger, dirs, vol, BETWEEN, 2)
+    write_blocks(ledger, dirs, vol, BETWEEN, 2)
     second = snap(vol)
     other_vol = create()
-    _write(ledger, dirs, other_vol, BEFORE[:1], 3)
+    write_blocks(ledger, dirs, other_vol, BEFORE[:1], 3)
     return Scenario(vol, first, second, snap(other_vol))
 
 

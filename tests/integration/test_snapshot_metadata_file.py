@@ -17,8 +17,8 @@ if _REPO not in sys.path:
 
 from csi._pb import csi_pb2 as pb  # noqa: E402
 from tests.integration.snapmeta import (BEFORE, BETWEEN, BLOCK, SIZE, Metadata, check_paging, flat, make_scenario,  # noqa: E402
-                                        rounded)
-from tests.sanity.harness import PLUGIN, Client, Ledger, ServerProcess  # noqa: E402
+                                        rounded, write_blocks)
+from tests.sanity.harness import PLUGIN, Client, Ledger, ServerProcess, block_cap  # noqa: E402
 
 C = grpc.StatusCode
 
@@ -158,3 +158,24 @@ def test_undecodable_request_is_invalid_argument(client, server):
         assert info.value.code() == C.INVALID_ARGUMENT, info.value.details()
         assert "csi.v1." in info.value.details()
     assert server.alive()
+
+
+def test_delta_across_an_expansion(client, ledger, dirs):
+    """A volume grown between the snapshots: the delta covers the target's size, and blocks written past the base's
+    end are changed (the base reads as zeros there); the grown part nobody wrote is not."""
+    vol = ledger.create_volume(pb.CreateVolumeRequest(
+        name=f"cbt-grow-{uuid.uuid4().hex[:8]}", volume_capabilities=[block_cap()],
+        capacity_range=pb.CapacityRange(required_bytes=SIZE)))
+    write_blocks(ledger, dirs, vol, [(0, BLOCK)], 7)
+    base = ledger.create_snapshot(pb.CreateSnapshotRequest(source_volume_id=vol.volume_id,
+                                                           name=f"cbt-grow-{uuid.uuid4().hex[:8]}"))
+    grown = client.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id, capacity_range=pb.CapacityRange(required_bytes=2 * SIZE),
+        volume_capability=block_cap()), timeout=120)
+    assert grown.capacity_bytes == 2 * SIZE
+    write_blocks(ledger, dirs, vol, [(SIZE + 3 * BLOCK, 10)], 8)
+    target = ledger.create_snapshot(pb.CreateSnapshotRequest(source_volume_id=vol.volume_id,
+                                                             name=f"cbt-grow-{uuid.uuid4().hex[:8]}"))
+    messages, capacity = Metadata(client).delta(base.snapshot_id, target.snapshot_id)
+    assert capacity == 2 * SIZE
+    assert flat(messages) == [(SIZE + 3 * BLOCK, BLOCK)]

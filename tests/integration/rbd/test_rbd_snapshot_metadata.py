@@ -18,8 +18,8 @@ import yaml
 from csi._pb import csi_pb2 as pb
 from tests.ceph.fixtures import CephInfo
 from tests.integration.snapmeta import (BEFORE, BETWEEN, BLOCK, SIZE, Metadata, check_paging, flat, make_scenario,
-                                        rounded)
-from tests.sanity.harness import MIB, PLUGIN, Client, Ledger, ServerProcess
+                                        rounded, write_blocks)
+from tests.sanity.harness import MIB, PLUGIN, Client, Ledger, ServerProcess, block_cap
 
 pytestmark = pytest.mark.ceph
 C = grpc.StatusCode
@@ -131,3 +131,26 @@ def test_unknown_snapshots_not_found(client):
         assert md.allocated_code(pb.GetMetadataAllocatedRequest(snapshot_id=unknown)).code() == C.NOT_FOUND
         assert md.delta_code(pb.GetMetadataDeltaRequest(base_snapshot_id=unknown,
                                                         target_snapshot_id=unknown)).code() == C.NOT_FOUND
+
+
+def test_delta_across_an_expansion(client, ledger, dirs):
+    """A volume grown between the snapshots: the delta covers the target's size, and a block written past the
+    base's end is changed; the grown part nobody wrote is not."""
+    vol = ledger.create_volume(pb.CreateVolumeRequest(
+        name=f"cbt-grow-{uuid.uuid4().hex[:8]}", volume_capabilities=[block_cap()], parameters={"backend": "ceph"},
+        capacity_range=pb.CapacityRange(required_bytes=SIZE)))
+    write_blocks(ledger, dirs, vol, [(0, BLOCK)], 7)
+    base = ledger.create_snapshot(pb.CreateSnapshotRequest(source_volume_id=vol.volume_id,
+                                                           name=f"cbt-grow-{uuid.uuid4().hex[:8]}"))
+    grown = client.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id, capacity_range=pb.CapacityRange(required_bytes=2 * SIZE),
+        volume_capability=block_cap()), timeout=120)
+    assert grown.capacity_bytes == 2 * SIZE
+    write_blocks(ledger, dirs, vol, [(SIZE + 3 * BLOCK, 10)], 8)
+    target = ledger.create_snapshot(pb.CreateSnapshotRequest(source_volume_id=vol.volume_id,
+                                                             name=f"cbt-grow-{uuid.uuid4().hex[:8]}"))
+    for snap in (base, target):
+        wait_ready(client, snap.snapshot_id)
+    messages, capacity = Metadata(client).delta(base.snapshot_id, target.snapshot_id)
+    assert capacity == 2 * SIZE
+    assert flat(messages) == [(SIZE + 3 * BLOCK, BLOCK)]
