@@ -198,6 +198,11 @@ CALLS = st.one_of(
     call("NodeExpandVolume", volume_id=volume_ids, path=any_path, staging=st.one_of(st.just(""), stage_paths),
          capacity=_capacity(), cap=some_capability),
     call("NodeGetCapabilities"), call("NodeGetInfo"),
+    # SnapshotMetadata (server-streaming)
+    call("GetMetadataAllocated", snapshot_id=mix(SNAPSHOT_IDS, HOSTILE_IDS), offset=sizes,
+         max_results=st.sampled_from([0, 1, 256, 4096, 4097, -1, 2 ** 31 - 1, -(2 ** 31)]), secrets=secrets),
+    call("GetMetadataDelta", base=mix(SNAPSHOT_IDS, HOSTILE_IDS), target=mix(SNAPSHOT_IDS, HOSTILE_IDS),
+         offset=sizes, max_results=st.sampled_from([0, 1, 256, 4097, -1]), secrets=secrets),
     # raw bytes protobuf cannot (or can only oddly) decode
     garbage,
 )
@@ -207,12 +212,14 @@ SERVICE = {
     "NodeStageVolume": "Node", "NodeUnstageVolume": "Node", "NodePublishVolume": "Node",
     "NodeUnpublishVolume": "Node", "NodeGetVolumeStats": "Node", "NodeExpandVolume": "Node",
     "NodeGetCapabilities": "Node", "NodeGetInfo": "Node",
+    "GetMetadataAllocated": "SnapshotMetadata", "GetMetadataDelta": "SnapshotMetadata",
 }
+STREAMING = frozenset({"GetMetadataAllocated", "GetMetadataDelta"})
 ALL_METHODS = sorted({"GetPluginInfo", "GetPluginCapabilities", "Probe", "CreateVolume", "DeleteVolume",
                       "ControllerPublishVolume", "ControllerUnpublishVolume", "ValidateVolumeCapabilities",
                       "ListVolumes", "GetCapacity", "ControllerGetCapabilities", "CreateSnapshot", "DeleteSnapshot",
                       "ListSnapshots", "GetSnapshot", "ControllerExpandVolume", "ControllerGetVolume",
-                      "ControllerModifyVolume", *[m for m, s in SERVICE.items() if s == "Node"]})
+                      "ControllerModifyVolume", *[m for m, s in SERVICE.items() if s in ("Node", "SnapshotMetadata")]})
 
 
 def full_method(method: str) -> str:

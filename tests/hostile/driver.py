@@ -159,8 +159,19 @@ class Run:
         """(code name, message, response bytes) of one call."""
         assert self.channel is not None
         body = raw if raw is not None else request.SerializeToString()
-        fn = self.channel.unary_unary(C.full_method(method) if not method.startswith("/") else method,
-                                      request_serializer=None, response_deserializer=None)
+        path = C.full_method(method) if not method.startswith("/") else method
+        if method in C.STREAMING:  # read the whole stream (bounded), as a backup tool would
+            stream = self.channel.unary_stream(path, request_serializer=None, response_deserializer=None)
+            try:
+                call = stream(body, timeout=RPC_TIMEOUT)
+                for i, _ in enumerate(call):
+                    if i >= 10_000:
+                        call.cancel()
+                        break
+                return "OK", "", b""
+            except grpc.RpcError as e:
+                return e.code().name, e.details() or "", None
+        fn = self.channel.unary_unary(path, request_serializer=None, response_deserializer=None)
         try:
             return "OK", "", fn(body, timeout=RPC_TIMEOUT)
         except grpc.RpcError as e:
@@ -415,6 +426,13 @@ class Run:
             if f["cap"] is not None:
                 req.volume_capability.CopyFrom(self.capability(f["cap"]))
             return req
+        if m == "GetMetadataAllocated":
+            return pb.GetMetadataAllocatedRequest(snapshot_id=self.vid(f["snapshot_id"]), starting_offset=f["offset"],
+                                                  max_results=f["max_results"], secrets=self.mapping(f["secrets"]))
+        if m == "GetMetadataDelta":
+            return pb.GetMetadataDeltaRequest(base_snapshot_id=self.vid(f["base"]), target_snapshot_id=self.vid(f["target"]),
+                                              starting_offset=f["offset"], max_results=f["max_results"],
+                                              secrets=self.mapping(f["secrets"]))
         raise AssertionError(f"no builder for {m}")
 
     # ---- one call --------------------------------------------------------------------------------------------
