@@ -99,9 +99,20 @@ def attach(path: str, direct_io: bool = True, read_only: bool = False) -> str:
         raise NotFound(f"backing file {path} does not exist")
     for dev in _list():
         if dev.get("back-file") in (path, os.path.realpath(path)) and backs(dev["name"], path) and \
-                getattr(backing(dev["name"]), "read_only", None) == read_only:  # a reader never gets a writable one
+                getattr(backing(dev["name"]), "read_only", None) == read_only and \
+                not _detaching(dev["name"]):  # a reader never gets a writable one; nobody gets a dying one
             return dev["name"]
     return _new(path, direct_io, read_only)
+
+
+def _detaching(device: str) -> bool:
+    """A device detached while something still held it open: the kernel frees it at the last close (autoclear);
+    reusing it would hand out a device that vanishes under its next user."""
+    try:
+        with open(f"/sys/block/{os.path.basename(os.path.realpath(device))}/loop/autoclear") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
 
 
 def detach(device: str, settle: float = 5.0) -> None:
@@ -110,8 +121,8 @@ def detach(device: str, settle: float = 5.0) -> None:
     A device some process still holds open (udev's probe, a concurrent blkid) is only marked for detaching by the
     kernel, which frees it at the last close: wait up to `settle` seconds for that, so a caller that checks right
     after (DeleteVolume's "still attached", a test) sees the device free."""
-    if not device:
-        return
+    if not device or _detaching(device):
+        return  # nothing there, or already being freed by the kernel
     try:
         run(["losetup", "--detach", device])
     except CommandError as e:
