@@ -174,6 +174,7 @@ def wait_for_socket(path: str, p: subprocess.Popen, log: Path, timeout: float = 
                          f"{log.read_text()[-4000:]}")
 
 
-def nsenter(p: subprocess.Popen, argv: Sequence[str]) -> list[str]:
-    """argv run in the plugin's mount namespace (not chrooted): the host's programs, the plugin's mounts."""
-    return ["nsenter", f"--mount=/proc/{p.pid}/ns/mnt", f"--wd={os.getcwd()}", "--", *argv]
+def nsenter(p: subprocess.Popen, argv: Sequence[str], wd: str = "/") -> list[str]:
+    """argv run in the plugin's mount namespace (not chrooted): the host's programs, the plugin's mounts. Entering
+    a mount namespace moves to its root, hence `wd`."""
+    return ["nsenter", f"--mount=/proc/{p.pid}/ns/mnt", f"--wd={wd}", "--", *argv]
