@@ -117,6 +117,9 @@ class Snapshot:
     creation_time: float  # seconds since the epoch
     ready_to_use: bool = True
     name: str = ""
+    # The local ID of the group snapshot this snapshot was cut in ("" for a standalone snapshot). A member is
+    # deleted with its group only (DeleteVolumeGroupSnapshot): the spec lets the CO treat it as part of the group.
+    group_local_id: str = ""
 
 
 @dataclass
@@ -140,6 +143,7 @@ class Features:
     block: bool = True
     access_modes: frozenset[str] = SINGLE_NODE_MODES
     volume_condition: bool = True
+    group_snapshots: bool = False  # create_group_snapshot & co. (the GroupController service)
 
 
 @dataclass
@@ -400,6 +404,50 @@ class Backend(abc.ABC):
         are), from the one holding byte `start` on; the stream's capacity is the target's size. Same rules as
         `allocated_ranges`."""
         raise Unsupported(f"backend {self.name!r} cannot report the changed blocks between snapshots")
+
+    # ---- group snapshots (the GroupController service, csi/group_controller.py over csi/groupops.py) ---------
+    def group_local_id_for_name(self, name: str) -> Optional[str]:
+        """The local ID a CreateVolumeGroupSnapshot of `name` gives, derived without I/O (for the lock table), or
+        None when the backend cannot say."""
+        return None
+
+    def create_group_snapshot(self, name: str, source_local_ids: list[str], parameters: Mapping[str, str],
+                              secrets: Mapping[str, str]) -> "GroupSnapshot":
+        """Snapshot every source volume at one instant (write-order consistent across them), or return the group
+        that already exists for `name` (the controller then compares its sources and parameters). Idempotent by
+        name and crash-safe: the group is recorded on the storage last, so a create that died half-way is redone
+        by its retry and never shows as a group (its leftover member snapshots are removed by that retry). Raise
+        FailedPrecondition when the members cannot be paused together (the spec's "cannot snapshot multiple
+        volumes together")."""
+        raise Unsupported(f"backend {self.name!r} does not support group snapshots")
+
+    def delete_group_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        """Delete the group and every member snapshot; members first, the group's record last, so a retry after a
+        crash still knows what is left. A group that does not exist is success."""
+        raise Unsupported(f"backend {self.name!r} does not support group snapshots")
+
+    def get_group_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> "GroupSnapshot":
+        """The group and its member snapshots, or NotFound."""
+        raise Unsupported(f"backend {self.name!r} does not support group snapshots")
+
+
+@dataclass
+class GroupSnapshot:
+    """A group snapshot: member snapshots cut at one instant, each also an ordinary snapshot (restorable, listed)
+    that names the group in `group_local_id`."""
+    local_id: str
+    name: str
+    members: list[Snapshot]
+    creation_time: float  # seconds since the epoch: the instant the members were cut
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ready_to_use(self) -> bool:
+        return bool(self.members) and all(m.ready_to_use for m in self.members)
+
+    @property
+    def source_volume_local_ids(self) -> list[str]:
+        return [m.source_volume_local_id for m in self.members]
 
 
 @dataclass

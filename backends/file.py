@@ -20,10 +20,10 @@ from typing import Iterable, Mapping, Optional
 from pydantic import Field, field_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
-                   Orphan, RangeStream, SINGLE_NODE_MODES, Snapshot, Usage, Volume, object_uuid)
+                   GroupSnapshot, Orphan, RangeStream, SINGLE_NODE_MODES, Snapshot, Usage, Volume, object_uuid)
 from .errors import BackendUnavailable, CapacityExceeded, InUse, InvalidArgument, NotFound, OutOfRange
 from .errors import listing
-from . import file_diff
+from . import file_diff, file_group
 from .filecopy import copy_fd, open_source, remove_temp, staging
 from .range_diff import BLOCK
 from .util import read_json, write_json_atomic
@@ -56,12 +56,15 @@ class FileBackend(Backend):
         super().__init__(name, options, runtime)
         self.vol_dir = os.path.join(options.directory, "volumes")
         self.snap_dir = os.path.join(options.directory, "snapshots")
+        self.group_dir = os.path.join(options.directory, "groups")  # group snapshot records (backends/file_group.py)
+        self.snapshot_prefix = SNAPSHOT_PREFIX
         os.makedirs(self.vol_dir, exist_ok=True)
         os.makedirs(self.snap_dir, exist_ok=True)
+        os.makedirs(self.group_dir, exist_ok=True)
 
     def features(self) -> Features:
         return Features(snapshots=True, clones=True, expand=True, online_expand=True, node_local=True,
-                        access_modes=SINGLE_NODE_MODES)
+                        access_modes=SINGLE_NODE_MODES, group_snapshots=True)
 
     def validate_parameters(self, parameters: Mapping[str, str]) -> None:
         if parameters:
@@ -160,7 +163,7 @@ class FileBackend(Backend):
         else:
             img, meta = self._vol_paths(source.local_id)
         what = f"source {source.kind} {self.name}:{source.local_id}"
-        if not os.path.exists(meta):
+        if not os.path.exists(meta) or (source.kind == "snapshot" and self._load_snapshot(source.local_id) is None):
             raise NotFound(f"{what} does not exist")
         return open_source(img, what)
 
@@ -218,8 +221,12 @@ class FileBackend(Backend):
             m = read_json(meta)
         except FileNotFoundError:
             return None
+        group = m.get("group", "")
+        if group and not file_group.committed(self, group):
+            return None  # a member of a group create that has not reached its commit point (file_group.py)
         return Snapshot(local_id=local_id, source_volume_local_id=m["source_volume"], size_bytes=m["size"],
-                        creation_time=m["created"], ready_to_use=os.path.exists(img), name=m["name"])
+                        creation_time=m["created"], ready_to_use=os.path.exists(img), name=m["name"],
+                        group_local_id=group)
 
     def create_snapshot(self, source_local_id: str, name: str, parameters: Mapping[str, str],
                         secrets: Mapping[str, str]) -> Snapshot:
@@ -243,6 +250,10 @@ class FileBackend(Backend):
         return snap
 
     def delete_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        self._remove_snapshot_files(local_id)
+
+    def _remove_snapshot_files(self, local_id: str) -> None:
+        """The record first (the snapshot is gone from then on), then the image and any temporary copy."""
         try:
             img, meta = self._snap_paths(local_id)
         except NotFound:
@@ -362,6 +373,20 @@ class FileBackend(Backend):
         base, base_what, _ = self._snapshot_image(base_local_id)
         target, target_what, size = self._snapshot_image(target_local_id)
         return RangeStream(size, file_diff.changed(base, base_what, target, target_what, size, start, BLOCK))
+
+    # ---- group snapshots (backends/file_group.py: freeze, copy, thaw) ------------------------------------
+    def group_local_id_for_name(self, name: str) -> Optional[str]:
+        return file_group.group_local_id(self.runtime.driver_name, name)
+
+    def create_group_snapshot(self, name: str, source_local_ids: list[str], parameters: Mapping[str, str],
+                              secrets: Mapping[str, str]) -> GroupSnapshot:
+        return file_group.create(self, name, source_local_ids, parameters)
+
+    def delete_group_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        file_group.delete(self, local_id)
+
+    def get_group_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> GroupSnapshot:
+        return file_group.get(self, local_id)
 
 
 def _flock_held(path: str) -> bool:

@@ -340,7 +340,22 @@ class ControllerOps:
             return
         with self.locks.operation(Operation("DeleteSnapshot", snapshot_id), exclusive=[snapshot_key(snapshot_id)],
                                   provider=backend.operation_lock_provider()):
+            if backend.features().group_snapshots:
+                self._refuse_group_member(backend, snapshot_id, oid.local, secrets)
             backend.delete_snapshot(oid.local, secrets)
+
+    @staticmethod
+    def _refuse_group_member(backend: Backend, snapshot_id: str, local: str, secrets: Mapping[str, str]) -> None:
+        """A member of a group snapshot goes with its group only: the spec's INVALID_ARGUMENT "Snapshot is part of
+        a group" (the CO was told so through the member's group_snapshot_id)."""
+        try:
+            snap = backend.get_snapshot(local, secrets)
+        except NotFound:
+            return
+        if snap.group_local_id:
+            raise InvalidArgument(f"snapshot {snapshot_id!r} is part of group snapshot "
+                                  f"{make_id(backend.name, snap.group_local_id)!r} and cannot be deleted on its own; "
+                                  "call DeleteVolumeGroupSnapshot for the group")
 
     def get_snapshot(self, snapshot_id: str, secrets: Mapping[str, str] = {}) -> tuple[str, Snapshot]:
         """GetSnapshot. A read of one snapshot takes no claim, like ControllerGetVolume and ListSnapshots: it

@@ -61,8 +61,10 @@ def content_source(vol: Volume, backend_name: str) -> Optional["pb.VolumeContent
 def snapshot(snapshot_id: str, source_volume_id: str, snap: Snapshot) -> "pb.Snapshot":
     ts = Timestamp()
     ts.FromNanoseconds(int(snap.creation_time * 1e9))
+    # a member of a group snapshot names its group (the CO then deletes it with the group only)
+    group = f"{snapshot_id.partition(':')[0]}:{snap.group_local_id}" if snap.group_local_id else ""
     return pb.Snapshot(size_bytes=snap.size_bytes, snapshot_id=snapshot_id, source_volume_id=source_volume_id,
-                       creation_time=ts, ready_to_use=snap.ready_to_use)
+                       creation_time=ts, ready_to_use=snap.ready_to_use, group_snapshot_id=group)
 
 
 def topologies(items: Iterable["pb.Topology"]) -> list[dict[str, str]]:

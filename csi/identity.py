@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from google.protobuf.wrappers_pb2 import BoolValue
 
-from . import constants, snapshot_metadata
+from . import constants, groupops, snapshot_metadata
 from ._pb import csi_pb2 as pb
 from ._pb import csi_pb2_grpc as rpc
 from .health import probe
@@ -26,6 +26,8 @@ class IdentityService(rpc.IdentityServicer):
         caps = []
         if self.controller:
             caps.append(pb.PluginCapability(service=_Svc(type=_Svc.CONTROLLER_SERVICE)))
+        if self.controller and groupops.supported(self.backends):
+            caps.append(pb.PluginCapability(service=_Svc(type=_Svc.GROUP_CONTROLLER_SERVICE)))
         if self.controller and snapshot_metadata.supported(self.backends):
             caps.append(pb.PluginCapability(service=_Svc(type=_Svc.SNAPSHOT_METADATA_SERVICE)))
         if any(b.features().node_local for b in self.backends):

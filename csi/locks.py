@@ -15,6 +15,8 @@ Keys (IDs are full CSI IDs, `<backend>:<local id>`):
     volume/<ID>         a volume, including the one a create of N will make (`Backend.local_id_for_name`)
     snapshot/<ID>       a snapshot, likewise
     publish/<ID>        the volume's access list (ControllerPublish/Unpublish)
+    group-name/<N>      a CreateVolumeGroupSnapshot request name
+    group/<ID>          a group snapshot, including the one a create of N will make (`Backend.group_local_id_for_name`)
 
 Claims per operation (X exclusive, S shared):
     CreateVolume N              X name/N, X volume/<id of N>
@@ -25,6 +27,9 @@ Claims per operation (X exclusive, S shared):
     ControllerPublish/Unpublish X publish/V, S volume/V
     CreateSnapshot N of V       X snapshot-name/N, X snapshot/<id of N>, S volume/V
     DeleteSnapshot P            X snapshot/P
+    CreateVolumeGroupSnapshot N of V1..Vn
+                                X group-name/N, X group/<id of N>, S volume/V1 .. S volume/Vn
+    DeleteVolumeGroupSnapshot G X group/G, X snapshot/M for each member snapshot M of G
     Node calls on V (nodeops)   X volume/V   (`hold`, the table shared with the node service in one process)
 
 The resulting conflict matrix (✓ may run together, ✗ the later one is ABORTED):
@@ -37,6 +42,11 @@ The resulting conflict matrix (✓ may run together, ✗ the later one is ABORTE
     CreateVolume from P             ✓          ✓           ✓         ✓         ✓          ✓         ✗         ✓
     DeleteSnapshot P                ✓          ✓           ✓         ✓         ✓          ✗         ✗         ✓
     CreateVolume N                  ✓          ✓        ✗ if N→V  ✗ if N→V     ✓          ✓         ✓         ✗
+    CreateVolumeGroupSnapshot ∋ V   ✓          ✓           ✗         ✗         ✓          ✓         ✓         ✓
+    DeleteVolumeGroupSnapshot ∋ P   ✓          ✓           ✓         ✓         ✓       ✗ (P member) ✗ (P member) ✓
+A group create is a CreateSnapshot of each member at once (same column as "snap of V"); two group creates of one
+name exclude each other on group-name/N, two deletes of one group on group/G. A group being deleted and a restore
+from one of its members exclude each other like DeleteSnapshot and a restore.
 Operations on different objects never conflict. "N→V": V is the volume a create of N makes (same for snapshots).
 
 Across processes: the table holds within this process only. A backend whose storage several controller replicas
@@ -86,6 +96,14 @@ def snapshot_key(snapshot_id: str) -> str:
 
 def publish_key(volume_id: str) -> str:
     return "publish/" + volume_id
+
+
+def group_name_key(name: str) -> str:
+    return "group-name/" + name
+
+
+def group_key(group_snapshot_id: str) -> str:
+    return "group/" + group_snapshot_id
 
 
 @dataclass

@@ -15,11 +15,12 @@ from typing import Optional
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import snapshot_metadata
+from . import groupops, snapshot_metadata
 from ._pb import csi_pb2_grpc as rpc
 from .config import Config
 from .controller import ControllerService
 from .controllerops import ControllerOps
+from .group_controller import GroupControllerService
 from .identity import IdentityService
 from .interceptors import RpcInterceptor
 from .locks import KeyedLocks
@@ -96,6 +97,9 @@ def build(config: Config, endpoint: str, node_name: str, mode: str = "all", work
     rpc.add_IdentityServicer_to_server(IdentityService(backends, controller, mode in ("all", "node")), server)
     if controller:
         rpc.add_ControllerServicer_to_server(ControllerService(ControllerOps(backends, locks, serving=True)), server)
+        if groupops.supported(backends):  # else absent: UNIMPLEMENTED, and GROUP_CONTROLLER_SERVICE not advertised
+            rpc.add_GroupControllerServicer_to_server(
+                GroupControllerService(groupops.GroupOps(backends, locks)), server)
         if snapshot_metadata.supported(backends):  # else absent: a caller meets UNIMPLEMENTED, as for any service
             snapshot_metadata.add_to_server(snapshot_metadata.SnapshotMetadataService(
                 snapshot_metadata.SnapshotMetadataOps(backends, locks)), server)

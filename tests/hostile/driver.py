@@ -622,6 +622,7 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         report["foreign_fuse_mounts_dropped"] = W.drop_foreign_fuse_mounts(a.root)
+        report["foreign_tmp_mounts_dropped"] = W.drop_foreign_tmp_mounts(a.root)
         run.start()
         run.setup()
         before = W.snapshot(run.decoys)

@@ -79,6 +79,21 @@ def drop_foreign_fuse_mounts(keep_under: str) -> list[str]:
     return dropped
 
 
+def drop_foreign_tmp_mounts(keep_under: str) -> list[str]:
+    """Lazily unmount, in this private namespace only, the copies of other test runs' mounts under the temporary
+    directory: a copy pins its loop device, so their unstage would only mark the device to be freed later and their
+    next DeleteVolume would meet it still attached."""
+    import tempfile
+    tmp = os.path.realpath(tempfile.gettempdir()) + "/"
+    dropped = []
+    for m in reversed(mount_table()):
+        if m.mountpoint.startswith(tmp) and not m.mountpoint.startswith(keep_under + "/") \
+                and m.mountpoint != keep_under:
+            if subprocess.run(["umount", "-l", m.mountpoint], capture_output=True, timeout=30).returncode == 0:
+                dropped.append(m.mountpoint)
+    return dropped
+
+
 def _digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
