@@ -166,7 +166,10 @@ def _in_private_namespace(argv: list[str], log, timeout: float, prelude: str = "
     cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *argv]
     log.write(f"\n$ {shlex.join(argv)}\n".encode())
     log.flush()
-    subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=True)
+    r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    if r.returncode != 0:
+        tail = Path(log.name).read_bytes().decode(errors="replace").splitlines()[-60:]
+        raise AssertionError(f"{argv[0]} exited with {r.returncode}; the end of {log.name}:\n" + "\n".join(tail))
 
 
 def _make_base(name: str, log) -> None:
