@@ -426,4 +426,45 @@ class LvmBackend(Backend):
             out.problems.append(f"lvm: {e}")
         return out
 
+    # ---- changed-block tracking: thin only, from the pool's metadata (backends/lvm_diff.py) --------------
+    def _thin_metadata(self):  # type: ignore[no-untyped-def]
+        from .lvm_diff import ThinPoolMetadata
+        if getattr(self, "_thin_meta", None) is None:
+            assert self.options.thinPool
+            self._thin_meta = ThinPoolMetadata(self.lvm.vg, self.options.thinPool,
+                                               os.path.join(self.runtime.state_dir, "lvm", self.name),
+                                               timeout=self.options.commandTimeout)
+        return self._thin_meta
+
+    def metadata_block_size(self) -> Optional[int]:
+        """Thin: the pool's chunk size (64 KiB, LVM's smallest and a divisor of every chunk size, while the pool
+        cannot be read). Thick: None — a thick LV keeps no map of written blocks, and has no snapshots."""
+        if not self.thin:
+            return None
+        from .lvm_diff import MIN_CHUNK
+        try:
+            return self._thin_metadata().chunk_size()
+        except TesseraError:
+            return MIN_CHUNK
+
+    def _cbt_snapshot(self, local_id: str) -> LvInfo:
+        if not self.thin:
+            raise FailedPrecondition(f"backend {self.name!r} uses thick LVs, which keep no map of written blocks "
+                                     "(and no snapshots); make a full backup, or configure a thinPool")
+        lv = self._find(local_id, "snapshot", SNAPSHOT_PREFIX)
+        if lv is None:
+            raise NotFound(f"snapshot {self.name}:{local_id} does not exist")
+        return lv
+
+    def allocated_ranges(self, snapshot_local_id: str, start: int, secrets: Mapping[str, str]):  # type: ignore[no-untyped-def]
+        from .base import RangeStream
+        lv = self._cbt_snapshot(snapshot_local_id)
+        return RangeStream(lv.size, self._thin_metadata().allocated(lv.name, lv.size, start))
+
+    def changed_ranges(self, base_local_id: str, target_local_id: str, start: int,  # type: ignore[no-untyped-def]
+                       secrets: Mapping[str, str]):
+        from .base import RangeStream
+        base, target = self._cbt_snapshot(base_local_id), self._cbt_snapshot(target_local_id)
+        return RangeStream(target.size, self._thin_metadata().changed(base.name, target.name, target.size, start))
+
 BACKEND = LvmBackend

@@ -6,7 +6,7 @@ import logging
 import os
 import subprocess
 import tempfile
-from typing import Any, Mapping, Optional, Sequence
+from typing import IO, Any, Mapping, Optional, Sequence
 
 from .errors import BackendUnavailable, DeadlineExceeded, Internal
 
@@ -24,20 +24,26 @@ class CommandError(Internal):
 
 
 def run(argv: Sequence[str], *, timeout: float = 120.0, check: bool = True, input: Optional[str] = None,
-        env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess[str]:
+        env: Optional[Mapping[str, str]] = None,
+        stdout: Optional[IO[bytes]] = None) -> subprocess.CompletedProcess[str]:
     """Run a command from an argument list (never a shell string). Raises CommandError on a non-zero exit when
-    `check`, DeadlineExceeded on timeout, BackendUnavailable when the program is not installed."""
+    `check`, DeadlineExceeded on timeout, BackendUnavailable when the program is not installed. `stdout`: an open
+    file the command writes its output to instead of memory (a tool whose output grows with the volume); the
+    result's stdout is then empty."""
     full_env = None
     if env:
         full_env = dict(os.environ)
         full_env.update(env)
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input, env=full_env,
+        proc = subprocess.run(list(argv), stdout=subprocess.PIPE if stdout is None else stdout,
+                              stderr=subprocess.PIPE, text=True, timeout=timeout, input=input, env=full_env,
                               stdin=None if input is not None else subprocess.DEVNULL)
     except FileNotFoundError:
         raise BackendUnavailable(f"{argv[0]} is not installed on this host") from None
     except subprocess.TimeoutExpired:
         raise DeadlineExceeded(f"{os.path.basename(argv[0])} did not finish within {timeout:.0f}s") from None
+    if proc.stdout is None:
+        proc.stdout = ""
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stdout, proc.stderr)
     return proc

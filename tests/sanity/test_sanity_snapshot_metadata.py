@@ -1,6 +1,7 @@
 """The SnapshotMetadata service (spec §Snapshot Metadata Service RPCs, CSI v1.12), for plugins that advertise
 SNAPSHOT_METADATA_SERVICE: stream shape, error codes, and what a volume nobody wrote says. Exact ranges after known
-writes are checked per backend in tests/integration (test_snapshot_metadata_file.py, rbd/test_rbd_snapshot_metadata.py).
+writes are checked per backend in tests/integration (test_snapshot_metadata_file.py, rbd/test_rbd_snapshot_metadata.py)
+and, for LVM thin, in the guest (tests/e2e/inguest/lvm/test_lvm_snapshot_metadata.py).
 """
 from __future__ import annotations
 
