@@ -194,7 +194,8 @@ class RbdBackend(Backend):
     def features(self) -> Features:
         return Features(snapshots=True, clones=True, expand=True, online_expand=True, list_volumes=True,
                         capacity=True, block=True, volume_condition=True,
-                        access_modes=SINGLE_NODE_MODES | frozenset({"MULTI_NODE_READER_ONLY"}))
+                        access_modes=SINGLE_NODE_MODES | frozenset({"MULTI_NODE_READER_ONLY"}),
+                        group_snapshots=True)
 
     def validate_parameters(self, parameters: Mapping[str, str]) -> None:
         unknown = sorted(set(parameters) - set(PARAMS))
@@ -637,7 +638,7 @@ class RbdBackend(Backend):
     def _snapshot_of(self, pool: str, name: str, img: Any, meta: dict[str, str], ready: bool = True) -> Snapshot:
         return Snapshot(local_id=f"{pool}.{name}", source_volume_local_id=meta.get("source_volume", ""),
                         size_bytes=img.size(), creation_time=float(meta.get("created", "0")), ready_to_use=ready,
-                        name=meta.get("name", ""))
+                        name=meta.get("name", ""), group_local_id=meta.get("group", ""))
 
     def _snap_ready(self, conn: _Conn, img: Any, meta: Mapping[str, str]) -> bool:
         """A snapshot image is usable once its chain is within the soft depth limit (flat with `always`). The depth
@@ -1436,6 +1437,24 @@ class RbdBackend(Backend):
         open_target, size = self._snapshot_reader(target_local_id, secrets)
         guard = lambda: self._ceph(f"diff snapshots {self.name}:{base_local_id} and {target_local_id}")  # noqa: E731
         return RangeStream(size, rbd_diff.changed(open_base, open_target, guard, size, start))
+
+    # ---- group snapshots (backends/rbd_group.py: a temporary RBD group, one group snapshot, member copies) -------
+    def group_local_id_for_name(self, name: str) -> Optional[str]:
+        from . import rbd_group
+        return rbd_group.group_local_id(self, name)
+
+    def create_group_snapshot(self, name: str, source_local_ids: list[str], parameters: Mapping[str, str],
+                              secrets: Mapping[str, str]) -> "GroupSnapshot":
+        from . import rbd_group
+        return rbd_group.create(self, name, source_local_ids, parameters, secrets)
+
+    def delete_group_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        from . import rbd_group
+        rbd_group.delete(self, local_id, secrets)
+
+    def get_group_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> "GroupSnapshot":
+        from . import rbd_group
+        return rbd_group.get(self, local_id, secrets)
 
 
 class _Frozen:
