@@ -45,6 +45,10 @@ SUITES: list[Suite] = [
     Suite("sanity-rbd-kernel", ("tests/sanity", "--sanity-profile", "rbd-krbd", "--sanity-profile", "rbd-nbd"),
           "the CSI conformance suite against the RBD backend with the kernel mounters (krbd, rbd-nbd) on a Ceph "
           "cluster started inside the guest", timeout=1200, expected=195),
+    Suite("data-safety", ("tests/e2e/inguest/safety",),
+          "two node plugins in one guest: reader-only RBD (krbd) and iSCSI volumes never written, a second RBD "
+          "writer refused, a multi-writer block volume written by both, thick LVM blank after delete",
+          timeout=900, expected=150),
 ]
 
 

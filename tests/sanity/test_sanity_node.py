@@ -236,13 +236,11 @@ class TestPublishErrors:
     def test_single_node_single_writer_second_target(self, plugin, ledger):
         """SINGLE_NODE_SINGLE_WRITER published at a second target: FAILED_PRECONDITION (spec table)."""
         requires_stage(plugin)
+        # the mode exists for plugins with the SINGLE_NODE_MULTI_WRITER capability (spec); with it, it must work
+        plugin.require_node("SINGLE_NODE_MULTI_WRITER")
+        plugin.require("SINGLE_NODE_MULTI_WRITER")
         cap = mount_cap("ext4", "SINGLE_NODE_SINGLE_WRITER")
-        try:
-            vol, cap, staging, pctx = staged_volume(plugin, ledger, cap=cap)
-        except grpc.RpcError as e:
-            if e.code() == C.INVALID_ARGUMENT:
-                pytest.skip(f"not applicable: SINGLE_NODE_SINGLE_WRITER refused at create ({e.details()})")
-            raise
+        vol, cap, staging, pctx = staged_volume(plugin, ledger, cap=cap)
         ledger.publish(vol, staging, plugin.target_path(), cap, publish_context=pctx)
         second = plugin.target_path()
         try:
@@ -390,6 +388,58 @@ def test_reader_only_mode_publishes_read_only(plugin, ledger):
     target = plugin.target_path()
     ledger.publish(vol, staging, target, cap, publish_context=pctx)
     check_published(plugin, cap, target, True)
+
+
+def test_reader_only_stage_never_writes(plugin, ledger):
+    """A reader-only stage mounts read-only at the staging path too (not only the publish bind): nothing can be
+    written there, and what the writer left is what the reader sees (the guest stage checksums the device too)."""
+    requires_stage(plugin)
+    writer, reader = mount_cap("ext4"), mount_cap("ext4", "SINGLE_NODE_READER_ONLY")
+    vol = make_volume(plugin, ledger, writer)
+    staging = plugin.staging_dir()
+    ledger.stage(vol, staging, writer, ledger.controller_publish(vol.volume_id, writer))
+    target = plugin.target_path()
+    ledger.publish(vol, staging, target, writer)
+    with open(os.path.join(target, "kept"), "w") as f:
+        f.write("data")
+    ledger.unpublish(vol.volume_id, target)
+    ledger.unstage(vol.volume_id, staging)
+    ledger.controller_unpublish(vol.volume_id)
+    ledger.stage(vol, staging, reader, ledger.controller_publish(vol.volume_id, reader, readonly=True))
+    assert "ro" in mount_entry(staging)["options"], mount_entry(staging)
+    with pytest.raises(OSError) as info:
+        open(os.path.join(staging, "new"), "w").close()
+    assert info.value.errno == errno.EROFS
+    with open(os.path.join(staging, "kept")) as f:
+        assert f.read() == "data"
+
+
+def test_reader_only_stage_of_blank_volume_refused(plugin, ledger):
+    """A reader-only stage never formats: a blank volume has nothing to read, FAILED_PRECONDITION says so."""
+    requires_stage(plugin)
+    reader = mount_cap("ext4", "SINGLE_NODE_READER_ONLY")
+    vol = make_volume(plugin, ledger, reader)
+    pctx = ledger.controller_publish(vol.volume_id, reader, readonly=True)
+    staging = plugin.staging_dir()
+    err = expect_code(node(plugin).NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, volume_capability=reader, publish_context=pctx,
+        volume_context=vol.volume_context), C.FAILED_PRECONDITION)
+    assert "blank" in err.details() or "filesystem" in err.details(), err.details()
+    assert not is_mounted(staging)
+
+
+def test_multi_node_writer_mount_stage_refused(plugin, ledger):
+    """A multi-node writer mount reaching the node (a CO that skipped the controller's answer, a static PV):
+    INVALID_ARGUMENT there too, before anything is attached or mounted."""
+    requires_stage(plugin)
+    writer = mount_cap("ext4")
+    vol = make_volume(plugin, ledger, writer)
+    pctx = ledger.controller_publish(vol.volume_id, writer)
+    staging = plugin.staging_dir()
+    expect_code(node(plugin).NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, volume_capability=mount_cap("ext4", "MULTI_NODE_MULTI_WRITER"),
+        publish_context=pctx, volume_context=vol.volume_context), C.INVALID_ARGUMENT)
+    assert not is_mounted(staging)
 
 
 def test_two_targets_on_one_node(plugin, ledger):
