@@ -138,6 +138,10 @@ def _cut(backend: "RbdBackend", conn: "_Conn", io: Any, name: str, guuid: str,
         with img:
             if "name" not in backend._meta(img):
                 raise NotFound(f"source volume {backend.name}:{src} does not exist")
+            if not img.features() & rbd.RBD_FEATURE_EXCLUSIVE_LOCK:
+                raise FailedPrecondition(f"source volume {backend.name}:{src} has no exclusive-lock feature: librbd "
+                                         "pauses a member's writers for a group snapshot through that lock, so "
+                                         "without it the group could not be consistent (imageFeatures)")
     tmp = TMP_GROUP_PREFIX + guuid
     rbd.RBD().group_create(io, tmp)
     group = rbd.Group(io, tmp)

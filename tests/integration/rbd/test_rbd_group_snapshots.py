@@ -12,7 +12,7 @@ import rbd
 
 from backends import rbd_group
 from backends.base import CapabilitySpec, ContentSource, CreateVolumeSpec
-from backends.errors import NotFound
+from backends.errors import FailedPrecondition, NotFound
 from backends.rbd import RbdBackend
 
 pytestmark = pytest.mark.ceph
@@ -128,3 +128,16 @@ def test_unknown_group(backend: RbdBackend):
     with pytest.raises(NotFound):
         backend.get_group_snapshot(f"{backend.options.pool}.{rbd_group.GROUP_PREFIX}00000000-0000-0000-0000-000000000000", {})
     backend.delete_group_snapshot("nonsense", {})
+
+
+def test_member_without_exclusive_lock_refused(backend: RbdBackend, admin_io, three):
+    plain = backend.create_volume(CreateVolumeSpec(name=f"grp-plain-{uuid.uuid4().hex[:8]}", size_bytes=16 * MIB,
+                                                   limit_bytes=0, parameters={"imageFeatures": "layering"},
+                                                   secrets={}, capabilities=CAPS))
+    try:
+        with pytest.raises(FailedPrecondition, match="exclusive-lock"):
+            backend.create_group_snapshot(f"group-{uuid.uuid4().hex[:8]}", [three[0].local_id, plain.local_id],
+                                          {}, {})
+        assert not leftovers(admin_io)
+    finally:
+        backend.delete_volume(plain.local_id, {})
