@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -107,6 +107,9 @@ class Volume:
     abnormal: bool = False
     condition_message: str = ""
     published_nodes: list[str] = field(default_factory=list)
+    # the mutable parameters in force (ControllerModifyVolume, CreateVolume's mutable_parameters), read back from
+    # the storage like every other parameter; shown in the volume context
+    mutable_parameters: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,6 +143,9 @@ class Features:
     list_volumes: bool = True
     capacity: bool = True
     node_local: bool = False  # volumes live on one node (topology); CreateVolume must run on that node
+    # Volume.published_nodes is the truth (the CSI node IDs each volume is controller-published to), so the
+    # controller may advertise LIST_VOLUMES_PUBLISHED_NODES when every backend says so
+    published_nodes: bool = False
     block: bool = True
     access_modes: frozenset[str] = SINGLE_NODE_MODES
     volume_condition: bool = True
@@ -405,6 +411,21 @@ class Backend(abc.ABC):
         `allocated_ranges`."""
         raise Unsupported(f"backend {self.name!r} cannot report the changed blocks between snapshots")
 
+    # ---- mutable parameters (ControllerModifyVolume, VolumeAttributesClass) ---------------------------------
+    def mutable_parameters(self) -> Mapping[str, "MutableParameter"]:
+        """The keys ControllerModifyVolume (and CreateVolume's `mutable_parameters`) may set on this backend's
+        volumes, each with its check. Empty (the default): the backend honours none, and any key is refused with
+        INVALID_ARGUMENT before anything changes. Why declared, not just tried: the spec forbids a partial change,
+        so every key and value is checked against this table before `modify_volume` runs."""
+        return {}
+
+    def modify_volume(self, local_id: str, changes: Mapping[str, str], secrets: Mapping[str, str]) -> "Volume":
+        """Store and apply `changes` (keys of `mutable_parameters`, values already checked and normalized) on the
+        volume itself, so they survive a controller restart; keys not named keep their values (the spec: nothing
+        changes because a key is absent). Idempotent. NotFound when the volume does not exist. Returns the volume
+        as it is now."""
+        raise Unsupported(f"backend {self.name!r} has no mutable parameters")
+
     # ---- group snapshots (the GroupController service, csi/group_controller.py over csi/groupops.py) ---------
     def group_local_id_for_name(self, name: str) -> Optional[str]:
         """The local ID a CreateVolumeGroupSnapshot of `name` gives, derived without I/O (for the lock table), or
@@ -476,3 +497,21 @@ class Orphan:
     """A backing object that carries Tessera's marks but is no complete volume or snapshot."""
     object: str  # the storage's own name for it (a path, pool/image, vg/lv)
     reason: str  # what is missing or left over, in words an operator can act on
+
+
+@dataclass(frozen=True)
+class MutableParameter:
+    """One key a backend lets ControllerModifyVolume change. `check` returns the value as it will be stored
+    (normalized, e.g. "0100" -> "100") or raises ValueError with a reason a person can act on."""
+    description: str
+    check: Callable[[str], str]
+
+
+def non_negative_int(text: str) -> str:
+    """A MutableParameter check: a decimal integer in [0, 2^63-1] (0 usually means "no limit")."""
+    if not text.isascii() or not text.isdigit():
+        raise ValueError("must be a non-negative decimal integer")
+    value = int(text)
+    if value > (1 << 63) - 1:
+        raise ValueError("is larger than 2^63-1")
+    return str(value)

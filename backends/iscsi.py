@@ -33,6 +33,7 @@ import secrets as _secrets
 import string
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Optional
 
@@ -184,7 +185,7 @@ class IscsiBackend(Backend):
         # unpublished volume tolerates.
         online = not (self.options.targetDriver == "lio" and self.options.backingStore.file is not None)
         return Features(snapshots=snaps, clones=True, expand=True, online_expand=online, controller_publish=True,
-                        access_modes=ALL_MODES)
+                        access_modes=ALL_MODES, published_nodes=True)
 
     def allocation_unit(self) -> int:
         return self.store.allocation_unit()
@@ -223,7 +224,8 @@ class IscsiBackend(Backend):
         abnormal, msg = (True, "creation did not finish; a retried CreateVolume redoes it") if o.pending else (False, "")
         return Volume(local_id=o.local_id, capacity_bytes=o.size, name=m.get("name", ""),
                       context=self._context(o.local_id), parameters=params, source=src,
-                      abnormal=abnormal, condition_message=msg)
+                      abnormal=abnormal, condition_message=msg,
+                      published_nodes=sorted({Publication.parse(v).csi_node_id() for v in _publications(m).values()}))
 
     def _snapshot(self, o: Obj) -> Snapshot:
         try:
@@ -422,7 +424,7 @@ class IscsiBackend(Backend):
                            "run the node plugin with the iscsi backend configured (it adds ?iqn=... to the node ID)")
         if not _IQN_RE.match(initiator):
             raise InvalidArgument(f"node {node.name}: {initiator!r} is not an iSCSI initiator name")
-        self._check_publish(o, node.name, initiator, readonly, capability)
+        self._check_publish(o, node.name, initiator, readonly, capability, node.encode())
         self._export(o)  # re-creates the export after a tgtd restart / target host reboot
         chap = self.chap_for(local_id) if self.options.chap else None
         lun = self.driver.add_acl(self.iqn(local_id), initiator, chap, readonly=readonly)
@@ -447,7 +449,8 @@ class IscsiBackend(Backend):
             if drop:
                 self.store.update_meta(local_id, drop)
 
-    def _check_publish(self, o: Obj, node_name: str, initiator: str, readonly: bool, capability: Any) -> None:
+    def _check_publish(self, o: Obj, node_name: str, initiator: str, readonly: bool, capability: Any,
+                       node_id: str = "") -> None:
         """Refuse what the spec and the data refuse, then record this publication on the volume (in the storage,
         before the ACL exists, so a crash leaves a record the retry finds compatible):
         - the same node again with another readonly flag or capability: ALREADY_EXISTS (spec);
@@ -457,7 +460,7 @@ class IscsiBackend(Backend):
           FAILED_PRECONDITION naming the holder (and whether it is logged in now)."""
         mode, atype = capability.access_mode, capability.access_type
         mine = _pub_key(initiator)
-        want = Publication("ro" if readonly else "rw", mode, atype, node_name, initiator)
+        want = Publication("ro" if readonly else "rw", mode, atype, node_name, initiator, node_id)
         others: list[Publication] = []
         for key, raw in _publications(o.meta).items():
             pub = Publication.parse(raw)
@@ -641,21 +644,37 @@ def _publications(meta: Mapping[str, str]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Publication:
-    """One ControllerPublishVolume in force, as stored on the volume: `rw|ro/MODE/TYPE/node/initiator`."""
+    """One ControllerPublishVolume in force, as stored on the volume: `rw|ro/MODE/TYPE/node/initiator/node-id`.
+    The CSI node ID (as ControllerPublish received it, re-encoded: csi.ids.NodeRef) is what ControllerGetVolume and
+    ListVolumes answer in `published_node_ids`; the record names it only when the node and initiator do not. None of the fields
+    holds a '/' (node names, IQNs and the URL-encoded node ID cannot), so the split is exact."""
     access: str
     mode: str
     access_type: str
     node: str
     initiator: str
+    node_id: str = ""
 
     def encode(self) -> str:
-        return "/".join((self.access, self.mode, self.access_type, self.node, self.initiator))
+        """The node ID is stored only when it is not the usual `<node>?iqn=<initiator>` (a node reporting more
+        attributes): the record stays short enough for an LVM tag, and records stay as they were."""
+        fields = (self.access, self.mode, self.access_type, self.node, self.initiator)
+        keep = self.node_id and self.node_id != self._usual_node_id()
+        return "/".join(fields + ((self.node_id,) if keep else ()))
 
     @classmethod
     def parse(cls, raw: str) -> "Publication":
-        parts = raw.split("/", 4)
-        parts += [""] * (5 - len(parts))
+        parts = raw.split("/", 5)
+        parts += [""] * (6 - len(parts))
         return cls(*parts)
+
+    def csi_node_id(self) -> str:
+        """The node ID this publication was made for. A record written before node IDs were kept gives the form
+        an iSCSI node plugin reports (`<node>?iqn=<initiator>`, csi.ids.NodeRef)."""
+        return self.node_id or self._usual_node_id()
+
+    def _usual_node_id(self) -> str:
+        return self.node + "?" + urllib.parse.urlencode([("iqn", self.initiator)])
 
     def describe(self) -> str:
         return f"{'read-only' if self.access == 'ro' else 'read-write'} {self.access_type} {self.mode}"

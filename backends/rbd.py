@@ -54,6 +54,7 @@ from .errors import (Aborted, AlreadyExists, BackendUnavailable, CapacityExceede
                      Internal, InUse, InvalidArgument, NotFound, OutOfRange, PermissionDenied, TesseraError)
 from .locking import Claim, LockProvider, Operation
 from .rbd_flatten import RETRY, BackgroundJobs
+from .rbd_qos import QOS_PARAMETERS, context_note, from_metadata, metadata_key
 from .rbd_locks import LeaseLocks, RadosLockProvider
 from .errors import listing, shown
 from .util import CommandError, run
@@ -603,7 +604,12 @@ class RbdBackend(Backend):
 
     @staticmethod
     def _meta(image: Any) -> dict[str, str]:
-        return {k[len(META):]: v for k, v in image.metadata_list() if k.startswith(META)}
+        """The image's `tessera.*` metadata (prefix dropped), plus its QoS overrides under their own `conf_rbd_qos_*`
+        names (backends/rbd_qos.py): one metadata read serves both."""
+        pairs = dict(image.metadata_list())
+        out = {k[len(META):]: v for k, v in pairs.items() if k.startswith(META)}
+        out.update((metadata_key(k), v) for k, v in from_metadata(pairs).items())
+        return out
 
     def _open(self, conn: _Conn, pool: str, image: str, read_only: bool = True) -> Optional[Any]:
         """An open image, or None when it does not exist."""
@@ -631,9 +637,12 @@ class RbdBackend(Backend):
             img.stat()
         except Exception as e:  # noqa: BLE001 - any failure to read the header is the condition to report
             abnormal, message = True, f"cannot read image header: {e}"
+        mounter = params.get("mounter", self.options.mounter)
+        qos = from_metadata(meta)
         return Volume(local_id=f"{pool}.{name}", capacity_bytes=img.size(), name=meta.get("name", ""),
-                      context=self._context(pool, name, params.get("mounter", self.options.mounter)),
-                      parameters=params, source=source, abnormal=abnormal, condition_message=message)
+                      context={**self._context(pool, name, mounter), **context_note(mounter, qos)},
+                      parameters=params, source=source, abnormal=abnormal, condition_message=message,
+                      mutable_parameters=qos)
 
     def _snapshot_of(self, pool: str, name: str, img: Any, meta: dict[str, str], ready: bool = True) -> Snapshot:
         return Snapshot(local_id=f"{pool}.{name}", source_volume_local_id=meta.get("source_volume", ""),
@@ -1073,6 +1082,33 @@ class RbdBackend(Backend):
                     img.resize(size_bytes)
                     size = size_bytes
         return size, True
+
+    # ---- mutable parameters: QoS (backends/rbd_qos.py) -----------------------------------------------------
+    def mutable_parameters(self) -> Mapping[str, Any]:
+        return QOS_PARAMETERS
+
+    def modify_volume(self, local_id: str, changes: Mapping[str, str], secrets: Mapping[str, str]) -> Volume:
+        """Write each changed QoS value as the image's `conf_rbd_qos_*` metadata through librbd (Image.metadata_set
+        notifies the image's watchers, so rbd-nbd and rbd-fuse clients apply it at once). Values already in force
+        are not written again."""
+        import rbd
+        parsed = self._split(local_id, VOL_PREFIX)
+        if parsed is None:
+            raise NotFound(f"volume {self.name}:{local_id} does not exist")
+        conn = self._conn(secrets)
+        with self._ceph(f"modify volume {local_id}", conn):
+            try:
+                img = rbd.Image(conn.ioctx(parsed[0]), parsed[1])
+            except rbd.ImageNotFound:
+                raise NotFound(f"volume {self.name}:{local_id} does not exist") from None
+            with img:
+                meta = self._meta(img)
+                if "name" not in meta:
+                    raise NotFound(f"volume {self.name}:{local_id} does not exist (unfinished create)")
+                for key, value in sorted(changes.items()):
+                    if meta.get(metadata_key(key)) != value:
+                        img.metadata_set(metadata_key(key), value)
+                return self._volume_of(parsed[0], parsed[1], img, self._meta(img))
 
     # ---- snapshots ----------------------------------------------------------------------------------------
     def create_snapshot(self, source_local_id: str, name: str, parameters: Mapping[str, str],

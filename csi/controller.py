@@ -7,6 +7,7 @@ from google.protobuf.wrappers_pb2 import Int64Value
 from backends.errors import InvalidArgument, NotFound
 
 from . import convert
+from . import mutable as mutable_params
 from ._pb import csi_pb2 as pb
 from ._pb import csi_pb2_grpc as rpc
 from .controllerops import ControllerOps, check_capabilities
@@ -41,6 +42,12 @@ class ControllerService(rpc.ControllerServicer):
             types.append(_Cap.EXPAND_VOLUME)
         if self._has("controller_publish"):
             types.append(_Cap.PUBLISH_UNPUBLISH_VOLUME)
+            # all or nothing: once advertised, the CO takes an empty published_node_ids as "published nowhere"
+            # (the spec), so every backend must know its volumes' publications, not only some
+            if all(f.published_nodes for f in self._features()):
+                types.append(_Cap.LIST_VOLUMES_PUBLISHED_NODES)
+        if self._modifiable():
+            types.append(_Cap.MODIFY_VOLUME)
         return pb.ControllerGetCapabilitiesResponse(capabilities=[
             pb.ControllerServiceCapability(rpc=pb.ControllerServiceCapability.RPC(type=t)) for t in types])
 
@@ -65,7 +72,8 @@ class ControllerService(rpc.ControllerServicer):
             preferred = convert.topologies(request.accessibility_requirements.preferred)
         cr = request.capacity_range
         volume_id, vol = self.ops.create_volume(request.name, cr.required_bytes, cr.limit_bytes, caps,
-                                                dict(request.parameters), request.secrets, source, requisite, preferred)
+                                                dict(request.parameters), request.secrets, source, requisite, preferred,
+                                                mutable=dict(request.mutable_parameters))
         return pb.CreateVolumeResponse(volume=convert.volume(volume_id, vol, src_msg))
 
     def DeleteVolume(self, request, context):
@@ -100,6 +108,11 @@ class ControllerService(rpc.ControllerServicer):
         caps = convert.capabilities(request.volume_capabilities)
         backend, vol = self.ops.get_volume(request.volume_id, request.secrets)
         problem = check_capabilities(backend, caps)
+        if not problem:
+            try:
+                mutable_params.check(backend, request.mutable_parameters)
+            except InvalidArgument as e:
+                problem = str(e)
         if problem:
             return pb.ValidateVolumeCapabilitiesResponse(message=problem)
         return pb.ValidateVolumeCapabilitiesResponse(confirmed=pb.ValidateVolumeCapabilitiesResponse.Confirmed(
@@ -172,8 +185,16 @@ class ControllerService(rpc.ControllerServicer):
                                                    request.capacity_range.limit_bytes, request.secrets)
         return pb.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=node_needed)
 
+    def _modifiable(self) -> bool:
+        return any(b.mutable_parameters() for b in self.ops.backends)
+
     def ControllerModifyVolume(self, request, context):
-        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "ControllerModifyVolume is not supported by Tessera")
+        if not self._modifiable():
+            raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "no configured backend has mutable parameters")
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        self.ops.modify_volume(request.volume_id, dict(request.mutable_parameters), request.secrets)
+        return pb.ControllerModifyVolumeResponse()
 
     def GetSnapshot(self, request, context):
         if not self._has("snapshots"):

@@ -21,6 +21,7 @@ from backends.errors import (AlreadyExists, Aborted, BackendUnavailable, Capacit
 from backends.locking import Operation
 
 from . import constants
+from . import mutable as mutable_params
 from .ids import NodeRef, make_id, parse_id, parse_node_id
 from .locks import KeyedLocks, name_key, publish_key, snapshot_key, snapshot_name_key, volume_key
 from .registry import Backends
@@ -104,9 +105,11 @@ class ControllerOps:
     def create_volume(self, name: str, required_bytes: int, limit_bytes: int, capabilities: Sequence[CapabilitySpec],
                       parameters: Mapping[str, str], secrets: Mapping[str, str],
                       source: Optional[tuple[str, str]] = None,
-                      requisite: Sequence[Mapping[str, str]] = (), preferred: Sequence[Mapping[str, str]] = ()
-                      ) -> tuple[str, Volume]:
-        """Create or find the volume for `name`. `source` is ("snapshot"|"volume", ID). Returns (volume ID, Volume)."""
+                      requisite: Sequence[Mapping[str, str]] = (), preferred: Sequence[Mapping[str, str]] = (),
+                      mutable: Mapping[str, str] = {}) -> tuple[str, Volume]:
+        """Create or find the volume for `name`. `source` is ("snapshot"|"volume", ID). Returns (volume ID, Volume).
+        `mutable`: CreateVolume's mutable_parameters, checked with the parameters and applied after the create
+        under the same claims (see `_apply_mutable`)."""
         if not name:
             raise InvalidArgument("name is required")
         if len(name) > MAX_NAME:
@@ -122,6 +125,7 @@ class ControllerOps:
         for k in constants.EXTRA_METADATA_PARAMS:
             params.pop(k, None)
         backend.validate_parameters(params)
+        changes = mutable_params.check(backend, mutable)
         problem = check_capabilities(backend, capabilities)
         if problem:
             raise InvalidArgument(problem)
@@ -145,6 +149,7 @@ class ControllerOps:
                                   shared=[source_key], provider=backend.operation_lock_provider()):
             self._refuse_elsewhere(name, backend, params, secrets)
             vol = backend.create_volume(spec)
+            vol = self._apply_mutable(backend, vol, changes, secrets)
         if vol.capacity_bytes < required_bytes or (limit_bytes and vol.capacity_bytes > limit_bytes):
             raise AlreadyExists(f"volume {name!r} already exists with {vol.capacity_bytes} bytes, outside the requested "
                                 f"range [{required_bytes}, {limit_bytes or 'unlimited'}]")
@@ -271,6 +276,30 @@ class ControllerOps:
             if vol.capacity_bytes >= size:
                 return vol.capacity_bytes, False
             return backend.expand_volume(oid.local, size, secrets)
+
+    @staticmethod
+    def _apply_mutable(backend: Backend, vol: Volume, changes: Mapping[str, str],
+                       secrets: Mapping[str, str]) -> Volume:
+        """CreateVolume's mutable parameters, applied once the volume exists (still under the create's claims).
+        A crash between the create and this step leaves a volume without them; the retried create finds the volume
+        and applies them now. Only keys whose stored value differs are written, so a retry changes nothing twice."""
+        pending = {k: v for k, v in changes.items() if vol.mutable_parameters.get(k) != v}
+        if not pending:
+            return vol
+        return backend.modify_volume(vol.local_id, pending, secrets)
+
+    def modify_volume(self, volume_id: str, mutable: Mapping[str, str], secrets: Mapping[str, str]) -> Volume:
+        """ControllerModifyVolume: check every key and value first (INVALID_ARGUMENT, nothing changed), then, holding
+        the volume exclusively (ABORTED against any other operation on it), store the values on the volume.
+        Idempotent: values already in force are not written again. An empty request changes nothing (the spec:
+        only keys named change anything) but still answers NOT_FOUND for a volume that does not exist."""
+        oid = parse_id(volume_id)
+        backend = self.backends.for_id(oid.backend, f"volume {volume_id!r}")
+        changes = mutable_params.check(backend, mutable)
+        with self.locks.operation(Operation("ControllerModifyVolume", volume_id), exclusive=[volume_key(volume_id)],
+                                  provider=backend.operation_lock_provider()):
+            vol = backend.get_volume(oid.local, secrets)
+            return self._apply_mutable(backend, vol, changes, secrets)
 
     def publish(self, volume_id: str, node_id: str, readonly: bool, capability: CapabilitySpec,
                 context: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str, str]:

@@ -42,7 +42,9 @@ def required_capability(req, field: str = "volume_capability") -> CapabilitySpec
 
 
 def volume(volume_id: str, vol: Volume, source: Optional["pb.VolumeContentSource"] = None) -> "pb.Volume":
-    msg = pb.Volume(capacity_bytes=vol.capacity_bytes, volume_id=volume_id, volume_context=vol.context,
+    # the mutable parameters in force are shown beside the backend's context (they never override its keys)
+    context = {**vol.mutable_parameters, **vol.context}
+    msg = pb.Volume(capacity_bytes=vol.capacity_bytes, volume_id=volume_id, volume_context=context,
                     accessible_topology=[pb.Topology(segments=t) for t in vol.topology])
     if source is not None:
         msg.content_source.CopyFrom(source)

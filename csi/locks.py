@@ -24,6 +24,7 @@ Claims per operation (X exclusive, S shared):
       ... from snapshot P       + S snapshot/P
     DeleteVolume V              X volume/V
     ControllerExpandVolume V    X volume/V
+    ControllerModifyVolume V    X volume/V   (checks its keys first, claim-free: a refused request claims nothing)
     ControllerPublish/Unpublish X publish/V, S volume/V
     CreateSnapshot N of V       X snapshot-name/N, X snapshot/<id of N>, S volume/V
     DeleteSnapshot P            X snapshot/P
@@ -47,6 +48,9 @@ The resulting conflict matrix (✓ may run together, ✗ the later one is ABORTE
 A group create is a CreateSnapshot of each member at once (same column as "snap of V"); two group creates of one
 name exclude each other on group-name/N, two deletes of one group on group/G. A group being deleted and a restore
 from one of its members exclude each other like DeleteSnapshot and a restore.
+    ControllerModifyVolume V: the same row and column as ControllerExpandVolume V (both hold volume/V exclusively):
+    it meets every operation on V — snapshot, clone, delete, expand, publish, another modify, a node call — and the
+    later one is ABORTED; it never meets an operation on another volume or on a snapshot.
 Operations on different objects never conflict. "N→V": V is the volume a create of N makes (same for snapshots).
 
 Across processes: the table holds within this process only. A backend whose storage several controller replicas

@@ -52,6 +52,10 @@ class Profile:
     # run by a plain `pytest tests/sanity` (and so by `make test` on the host); guest-only profiles are chosen
     # explicitly by the e2e suites instead
     default: bool = False
+    # ControllerModifyVolume: two sets of mutable parameters the profile's backend honours (the second changes every
+    # key of the first), as csi-sanity's TestVolumeMutableParameters; empty: the profile declares none, and the
+    # suite checks the plugin then refuses ModifyVolume
+    mutable_parameters: tuple[dict[str, str], ...] = ()
 
 
 REGISTRY: dict[str, Profile] = {}
