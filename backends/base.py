@@ -258,6 +258,14 @@ class Backend(abc.ABC):
     def list_volumes(self, secrets: Mapping[str, str]) -> Iterable[Volume]:
         raise Unsupported(f"backend {self.name!r} cannot list volumes")
 
+    def iter_volumes(self, start_after: str, secrets: Mapping[str, str]) -> Iterator[Volume]:
+        """The volumes whose local ID sorts after `start_after` ('' = all), in ascending local ID order, each loaded
+        only when the caller asks for the next one. Why: ListVolumes reads one page of 100 out of 10,000 volumes,
+        so a backend that can enumerate its IDs cheaply (a directory scan, one `lvs`, `rbd ls`) must not load the
+        other 9,900. This default sorts a full `list_volumes`, so a backend works before it overrides it."""
+        return iter(sorted((v for v in self.list_volumes(secrets) if v.local_id > start_after),
+                           key=lambda v: v.local_id))
+
     def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
         raise Unsupported(f"backend {self.name!r} cannot report capacity")
 
@@ -273,6 +281,11 @@ class Backend(abc.ABC):
 
     def list_snapshots(self, secrets: Mapping[str, str]) -> Iterable[Snapshot]:
         raise Unsupported(f"backend {self.name!r} does not support snapshots")
+
+    def iter_snapshots(self, start_after: str, secrets: Mapping[str, str]) -> Iterator[Snapshot]:
+        """The snapshots after `start_after` in ascending local ID order, loaded lazily: as `iter_volumes`."""
+        return iter(sorted((s for s in self.list_snapshots(secrets) if s.local_id > start_after),
+                           key=lambda s: s.local_id))
 
     def expand_volume(self, local_id: str, size_bytes: int, secrets: Mapping[str, str]) -> tuple[int, bool]:
         """Grow to at least `size_bytes`; return (new capacity, whether the node must grow something)."""

@@ -13,9 +13,10 @@ Copies (snapshots, clones) use reflinks where the filesystem supports them, else
 """
 from __future__ import annotations
 
+import bisect
 import os
 import time
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 from pydantic import Field, field_validator
 
@@ -191,11 +192,14 @@ class FileBackend(Backend):
         return vol
 
     def list_volumes(self, secrets: Mapping[str, str]) -> Iterable[Volume]:
-        for entry in sorted(os.listdir(self.vol_dir)):
-            if entry.endswith(".json") and not entry.startswith("."):
-                vol = self._load_volume(VOLUME_PREFIX + entry[:-5])
-                if vol is not None:
-                    yield vol
+        return self.iter_volumes("", secrets)
+
+    def iter_volumes(self, start_after: str, secrets: Mapping[str, str]) -> Iterator[Volume]:
+        """One directory scan (names only), sorted; a volume's metadata is read only when the caller gets to it."""
+        for local_id in _ids_after(self.vol_dir, VOLUME_PREFIX, start_after):
+            vol = self._load_volume(local_id)
+            if vol is not None:
+                yield vol
 
     def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
         st = os.statvfs(self.vol_dir)
@@ -272,11 +276,13 @@ class FileBackend(Backend):
         return snap
 
     def list_snapshots(self, secrets: Mapping[str, str]) -> Iterable[Snapshot]:
-        for entry in sorted(os.listdir(self.snap_dir)):
-            if entry.endswith(".json") and not entry.startswith("."):
-                snap = self._load_snapshot(SNAPSHOT_PREFIX + entry[:-5])
-                if snap is not None:
-                    yield snap
+        return self.iter_snapshots("", secrets)
+
+    def iter_snapshots(self, start_after: str, secrets: Mapping[str, str]) -> Iterator[Snapshot]:
+        for local_id in _ids_after(self.snap_dir, SNAPSHOT_PREFIX, start_after):
+            snap = self._load_snapshot(local_id)
+            if snap is not None:
+                yield snap
 
     # ---- node -------------------------------------------------------------------------------------------
     def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],
@@ -387,6 +393,32 @@ class FileBackend(Backend):
 
     def get_group_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> GroupSnapshot:
         return file_group.get(self, local_id)
+
+
+# directory -> ((inode, mtime_ns, ctime_ns), sorted local IDs): the last scan of a directory that has not changed since
+_SCANS: dict[str, tuple[tuple[int, int, int], list[str]]] = {}
+_CLOCK_TICK_NS = 50_000_000  # more than the kernel's coarse clock step that file times are taken from (1-10 ms)
+
+
+def _ids_after(directory: str, prefix: str, start_after: str) -> list[str]:
+    """The local IDs of the metadata files in `directory` that sort after `start_after`, ascending: names only.
+
+    Why a kept scan: reading a directory of 20,000 entries costs more than loading a page of 100 volumes, and a
+    paged listing reads it once per page. The scan is reused while the directory's mtime and ctime are unchanged
+    (every create and delete changes them). File times come from a coarse clock, so a change in the same clock step
+    as the scan could leave them unchanged: a scan is kept only when the directory's mtime is older than one step."""
+    st = os.stat(directory)
+    key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    kept = _SCANS.get(directory)
+    if kept is not None and kept[0] == key:
+        ids = kept[1]
+    else:
+        now = time.time_ns()
+        with os.scandir(directory) as it:
+            ids = sorted(prefix + e.name[:-5] for e in it if e.name.endswith(".json") and not e.name.startswith("."))
+        if now - max(st.st_mtime_ns, st.st_ctime_ns) > _CLOCK_TICK_NS:
+            _SCANS[directory] = (key, ids)
+    return ids[bisect.bisect_right(ids, start_after):]
 
 
 def _flock_held(path: str) -> bool:

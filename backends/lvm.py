@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -282,8 +282,13 @@ class LvmBackend(Backend):
         return self._volume(lv)
 
     def list_volumes(self, secrets: Mapping[str, str]) -> Iterable[Volume]:
-        return [self._volume(lv) for lv in sorted(self.lvm.list(), key=lambda x: x.name)
-                if lv.name.startswith(VOLUME_PREFIX) and self._mine(lv) and lv.fields(NS).get("kind") == "volume"]
+        return list(self.iter_volumes("", secrets))
+
+    def iter_volumes(self, start_after: str, secrets: Mapping[str, str]) -> Iterator[Volume]:
+        """One `lvs` call per page (it returns every LV with its tags); only the page's entries are converted."""
+        return (self._volume(lv) for lv in sorted(self.lvm.list(), key=lambda x: x.name)
+                if lv.name > start_after and lv.name.startswith(VOLUME_PREFIX) and self._mine(lv)
+                and lv.fields(NS).get("kind") == "volume")
 
     def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:
         if segments and segments.get(self.runtime.topology_key, self.runtime.node_name) != self.runtime.node_name:
@@ -338,10 +343,14 @@ class LvmBackend(Backend):
         return self._snapshot(lv)
 
     def list_snapshots(self, secrets: Mapping[str, str]) -> Iterable[Snapshot]:
+        return list(self.iter_snapshots("", secrets))
+
+    def iter_snapshots(self, start_after: str, secrets: Mapping[str, str]) -> Iterator[Snapshot]:
         if not self.thin:
-            return []
-        return [self._snapshot(lv) for lv in sorted(self.lvm.list(), key=lambda x: x.name)
-                if lv.name.startswith(SNAPSHOT_PREFIX) and self._mine(lv) and lv.fields(NS).get("kind") == "snapshot"]
+            return iter(())
+        return (self._snapshot(lv) for lv in sorted(self.lvm.list(), key=lambda x: x.name)
+                if lv.name > start_after and lv.name.startswith(SNAPSHOT_PREFIX) and self._mine(lv)
+                and lv.fields(NS).get("kind") == "snapshot")
 
     # ---- node -------------------------------------------------------------------------------------------
     def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],

@@ -44,7 +44,7 @@ import struct
 import subprocess
 import threading
 import time
-from typing import Any, Iterable, Iterator, Literal, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional
 
 from pydantic import Field, model_validator
 
@@ -155,6 +155,8 @@ class _Conn:
         self.clone_v2_checked = 0.0
         self.min_compat = ""
         self.resumed = False
+        # pool -> (rbd_directory's version, size and mtime; sorted image names): see RbdBackend._image_names
+        self.listings: dict[str, tuple[tuple[int, int, Any], list[str]]] = {}
 
     def ioctx(self, pool: str) -> Any:
         import rados
@@ -977,32 +979,66 @@ class RbdBackend(Backend):
                     raise NotFound(f"volume {self.name}:{local_id} does not exist (unfinished create)")
                 return self._volume_of(parsed[0], parsed[1], img, meta)
 
-    def _scan(self, secrets: Mapping[str, str], prefix: str) -> Iterator[tuple[str, str, Any, dict[str, str]]]:
-        import rbd
-        conn = self._conn(secrets)
+    def _ids_after(self, conn: _Conn, prefix: str, start_after: str) -> list[tuple[str, str, str]]:
+        """(local ID, pool, image) of every image named with `prefix` whose local ID sorts after `start_after`, in
+        local ID order: names only (one `rbd ls` per pool), so a page opens just the images it returns."""
+        out = []
         for pool in dict.fromkeys([self.options.pool, *self.options.extraPools]):
             with self._ceph(f"list pool {pool}", conn):
-                io = conn.ioctx(pool)
-                names = sorted(n for n in rbd.RBD().list(io) if n.startswith(prefix))
-            for n in names:
-                with self._ceph(f"read {pool}/{n}", conn):
-                    img = self._open(conn, pool, n)
-                    if img is None:
-                        continue
-                    with img:
-                        meta = self._meta(img)
-                        if "name" in meta:
-                            yield pool, n, img, meta
+                names = self._image_names(conn, pool)
+            out.extend((f"{pool}.{n}", pool, n) for n in names if n.startswith(prefix) and f"{pool}.{n}" > start_after)
+        out.sort()
+        return out
+
+    @staticmethod
+    def _image_names(conn: _Conn, pool: str) -> list[str]:
+        """The pool's image names, sorted. Why kept: `rbd ls` of 10,000 images reads 20,000 omap keys (~0.2 s here),
+        once per page of a paged listing. Every create, rename and removal of an image updates the pool's
+        `rbd_directory` object, which is where the list comes from, so the names are read again only when that
+        object's version changed: one stat per page. The stat comes first, so a change racing the read only makes
+        the next page read again. A private ioctx, because get_last_version reports the ioctx's last operation."""
+        import rados
+        import rbd
+        conn.ioctx(pool)  # NotFound for a pool that does not exist, as everywhere else
+        io = conn.rados.open_ioctx(pool)
+        try:
+            try:
+                size, mtime = io.stat("rbd_directory")
+            except rados.ObjectNotFound:
+                return []  # no image was ever made in this pool
+            key = (io.get_last_version(), size, mtime)
+            kept = conn.listings.get(pool)
+            if kept is not None and kept[0] == key:
+                return kept[1]
+            names = sorted(rbd.RBD().list(io))
+            conn.listings[pool] = (key, names)
+            return names
+        finally:
+            io.close()
+
+    def _iter_images(self, secrets: Mapping[str, str], prefix: str, start_after: str,
+                     build: Callable[[_Conn, str, str, Any, dict[str, str]], Any]) -> Iterator[Any]:
+        """`build(conn, pool, image, img, meta)` of each finished image after `start_after`, opened one at a time
+        when the caller asks for it and closed before it is handed out (a caller may stop at any point)."""
+        conn = self._conn(secrets)
+        for _, pool, n in self._ids_after(conn, prefix, start_after):
+            with self._ceph(f"read {pool}/{n}", conn):
+                img = self._open(conn, pool, n)
+                if img is None:
+                    continue  # deleted since the listing
+                with img:
+                    meta = self._meta(img)
+                    if "name" not in meta:
+                        continue  # a create before its commit point
+                    item = build(conn, pool, n, img, meta)
+            yield item
 
     def list_volumes(self, secrets: Mapping[str, str]) -> Iterable[Volume]:
-        return [self._volume_of(pool, n, img, meta) for pool, n, img, meta in self._scan_materialized(secrets, VOL_PREFIX)]
+        return list(self.iter_volumes("", secrets))
 
-    def _scan_materialized(self, secrets: Mapping[str, str], prefix: str) -> list[tuple[str, str, Any, dict[str, str]]]:
-        # _volume_of needs the image open, so build results inside the scan loop
-        out = []
-        for pool, n, img, meta in self._scan(secrets, prefix):
-            out.append((pool, n, _Frozen(img), meta))
-        return out
+    def iter_volumes(self, start_after: str, secrets: Mapping[str, str]) -> Iterator[Volume]:
+        return self._iter_images(secrets, VOL_PREFIX, start_after,
+                                 lambda conn, pool, n, img, meta: self._volume_of(pool, n, img, meta))
 
     def _pool_stats(self, pool: str) -> dict[str, Any]:
         """The pool's row of `ceph df` (max_avail, bytes_used, percent_used, ...). The figures come from the
@@ -1188,15 +1224,15 @@ class RbdBackend(Backend):
                 return self._snapshot_of(parsed[0], parsed[1], img, meta, ready)
 
     def list_snapshots(self, secrets: Mapping[str, str]) -> Iterable[Snapshot]:
-        conn = self._conn(secrets)
-        out = []
-        for pool, n, img, meta in self._scan(secrets, SNAP_PREFIX):
-            with self._ceph(f"read {pool}/{n}", conn):
-                ready = self._snap_ready(conn, img, meta)
-                if not ready:
-                    self._queue_flatten(secrets, pool, n)
-                out.append(self._snapshot_of(pool, n, img, meta, ready))
-        return out
+        return list(self.iter_snapshots("", secrets))
+
+    def iter_snapshots(self, start_after: str, secrets: Mapping[str, str]) -> Iterator[Snapshot]:
+        def build(conn: _Conn, pool: str, n: str, img: Any, meta: dict[str, str]) -> Snapshot:
+            ready = self._snap_ready(conn, img, meta)
+            if not ready:
+                self._queue_flatten(secrets, pool, n)
+            return self._snapshot_of(pool, n, img, meta, ready)
+        return self._iter_images(secrets, SNAP_PREFIX, start_after, build)
 
     # ---- node ---------------------------------------------------------------------------------------------
     def _node_dir(self) -> str:
@@ -1491,25 +1527,6 @@ class RbdBackend(Backend):
     def get_group_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> "GroupSnapshot":
         from . import rbd_group
         return rbd_group.get(self, local_id, secrets)
-
-
-class _Frozen:
-    """What list results need from an image after it is closed: size and a header check, read while open."""
-
-    def __init__(self, img: Any) -> None:
-        self._size = img.size()
-        try:
-            img.stat()
-            self._err: Optional[str] = None
-        except Exception as e:  # noqa: BLE001
-            self._err = str(e)
-
-    def size(self) -> int:
-        return self._size
-
-    def stat(self) -> None:
-        if self._err:
-            raise RuntimeError(self._err)
 
 
 def _trash_remove(io: Any, image_id: str) -> None:

@@ -12,7 +12,7 @@ import base64
 import binascii
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from backends.base import (Backend, CapabilitySpec, Capacity, ContentSource, CreateVolumeSpec, Snapshot, Volume,
                            mount_writer_problem)
@@ -84,6 +84,38 @@ def paginate(items: list, key, max_entries: int, starting_token: str) -> Page:
         page = items[:max_entries]
         return Page(page, encode_token(key(page[-1])))
     return Page(items, "")
+
+
+def page_across(backends: Sequence[Backend], iterate: Callable[[Backend, str], Iterator[Any]], max_entries: int,
+                starting_token: str, keep: Callable[[Any], bool] = lambda _: True) -> Page:
+    """One page of a listing over several backends, in volume/snapshot ID order, loading only what the page returns
+    (plus one entry to learn whether another page follows). Why: rebuilding the whole list for every page made a
+    full paged listing quadratic, and on RBD every entry is an image opened.
+
+    The token is the last returned ID, so a page resumes after it even when that object was deleted meanwhile.
+    IDs are `<backend>:<local>` and ':' appears in no backend name, so every ID of backend A sorts before every ID
+    of backend B exactly when `A + ':' < B + ':'`: the backends are walked in that order, each from the token's
+    local ID (its own backend) or from its start (a later one)."""
+    if max_entries < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    after = parse_id(decode_token(starting_token)) if starting_token else None
+    out: list[tuple[str, Any]] = []
+    for b in sorted(backends, key=lambda x: x.name + ":"):
+        if after is not None and b.name + ":" < after.backend + ":":
+            continue
+        items = iterate(b, after.local if after is not None and after.backend == b.name else "")
+        try:
+            for item in items:
+                if not keep(item):
+                    continue
+                if max_entries and len(out) == max_entries:
+                    return Page(out, encode_token(out[-1][0]))
+                out.append((make_id(b.name, item.local_id), item))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator holding a directory listing or a cluster connection's iteration
+    return Page(out, "")
 
 
 class ControllerOps:
@@ -241,11 +273,8 @@ class ControllerOps:
         return backend, backend.get_volume(oid.local, secrets)
 
     def list_volumes(self, max_entries: int, starting_token: str) -> Page:
-        vols: list[tuple[str, Volume]] = []
-        for b in self.backends:
-            if b.features().list_volumes:
-                vols.extend((make_id(b.name, v.local_id), v) for v in b.list_volumes({}))
-        return paginate(vols, key=lambda e: e[0], max_entries=max_entries, starting_token=starting_token)
+        return page_across([b for b in self.backends if b.features().list_volumes],
+                           lambda b, start: b.iter_volumes(start, {}), max_entries, starting_token)
 
     def get_capacity(self, parameters: Mapping[str, str], capabilities: Sequence[CapabilitySpec],
                      segments: Optional[Mapping[str, str]]) -> Capacity:
@@ -416,12 +445,11 @@ class ControllerOps:
                     only = (vid.backend, vid.local)
                 except NotFound:
                     return paginate([], key=lambda e: e[0], max_entries=max_entries, starting_token=starting_token)
-            for b in self.backends:
-                if not b.features().snapshots or (only and only[0] != b.name):
-                    continue
-                for s in b.list_snapshots(secrets):
-                    if only is None or s.source_volume_local_id == only[1]:
-                        snaps.append((make_id(b.name, s.local_id), s))
+            with_snapshots = [b for b in self.backends
+                              if b.features().snapshots and (only is None or only[0] == b.name)]
+            return page_across(with_snapshots, lambda b, start: b.iter_snapshots(start, secrets), max_entries,
+                               starting_token,
+                               keep=lambda s: only is None or s.source_volume_local_id == only[1])
         return paginate(snaps, key=lambda e: e[0], max_entries=max_entries, starting_token=starting_token)
 
     def source_volume_id(self, snapshot_id: str, snap: Snapshot) -> str:
