@@ -131,9 +131,12 @@ def test_iscsi_reader_only_on_two_nodes_never_writes(iscsi: Pair, iscsi_vg) -> N
 def test_iscsi_multi_writer_block_written_by_both(iscsi: Pair) -> None:
     cap = block_cap("MULTI_NODE_MULTI_WRITER")
     vol = iscsi.create("ds-iscsi-mw", SIZE, cap)
+    # both nodes share this guest's initiator IQN, so one ACL admits both: publish to both before either stages,
+    # so that the cleanup (in reverse) logs both out before the ACL goes
+    nodes = ((iscsi.a, PORTALS[0]), (iscsi.b, PORTALS[1]))
+    pcs = [iscsi.controller_publish(node, vol, cap, False) for node, _ in nodes]
     targets = []
-    for node, portal in ((iscsi.a, PORTALS[0]), (iscsi.b, PORTALS[1])):
-        pc = iscsi.controller_publish(node, vol, cap, False)
+    for (node, portal), pc in zip(nodes, pcs):
         staging = iscsi.stage(node, vol, cap, "mw", pc, _via(vol, portal))
         targets.append(iscsi.publish(node, vol, cap, staging, "mw"))
     ta, tb = targets
@@ -154,18 +157,24 @@ def _extents(vg: str, lv: str) -> str:
 
 
 def test_thick_lvm_new_volume_on_old_extents_reads_zeros(thick: Pair, thick_vg) -> None:
+    """Through the raw LV (what the next tenant's device shows): a pattern written over the whole volume, the
+    volume deleted, a new one of the same size made on the same extents reads zeros everywhere."""
     cap = block_cap()
     old = thick.create("ds-thick-old", SIZE, cap)
-    target = thick.publish(thick.a, old, cap, thick.stage(thick.a, old, cap, "old"), "old")
+    lv = old.volume_id.split(":", 1)[1]
+    thick.stage(thick.a, old, cap, "old")  # activates the LV
+    device = f"/dev/{thick_vg.name}/{lv}"
     pattern = os.urandom(MIB)
     for off in range(0, SIZE, MIB):
-        pwrite_direct(target, pattern, off)
-    where = _extents(thick_vg.name, old.volume_id.split(":", 1)[1])
-    assert thick.cleanup() == []  # unpublish, unstage, delete
+        pwrite_direct(device, pattern, off)
+    assert pread_direct(device, MIB, SIZE - MIB) == pattern
+    where = _extents(thick_vg.name, lv)
+    assert thick.cleanup() == []  # unstage, delete
     new = thick.create("ds-thick-new", SIZE, cap)
     lv = new.volume_id.split(":", 1)[1]
     assert _extents(thick_vg.name, lv) == where, "the new volume did not get the old one's extents: no proof"
-    target = thick.publish(thick.a, new, cap, thick.stage(thick.a, new, cap, "new"), "new")
+    thick.stage(thick.a, new, cap, "new")
+    device = f"/dev/{thick_vg.name}/{lv}"
     zero = bytes(MIB)
     for off in range(0, SIZE, MIB):
-        assert pread_direct(target, MIB, off) == zero, f"the new volume shows old bytes at offset {off}"
+        assert pread_direct(device, MIB, off) == zero, f"the new volume shows old bytes at offset {off}"
