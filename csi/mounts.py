@@ -66,12 +66,16 @@ def is_mountpoint(path: str) -> bool:
 
 def mount(source: str, target: str, fstype: Optional[str] = None, options: Sequence[str] = (),
           bind: bool = False) -> None:
+    """Mount through mount(8); a bind goes through csi.bindmount, so that its flags (ro above all) are set before
+    the mount propagates to kubelet's and the pods' view (mount(8) would bind, then remount: the copy stays rw)."""
+    if bind:
+        from . import bindmount
+        bindmount.bind(source, target, options)
+        return
     argv = ["mount"]
     if fstype:
         argv += ["-t", fstype]
     opts = list(options)
-    if bind:
-        opts = ["bind"] + opts
     if opts:
         argv += ["-o", ",".join(opts)]
     argv += ["--", source, target]
