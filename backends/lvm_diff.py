@@ -95,15 +95,16 @@ def mapped_ranges(f: IO[bytes], dev_id: int) -> Iterator[Range]:
     """Byte ranges of the virtual blocks thin device `dev_id` maps, from `thin_dump --dev-id` XML in `f`, in the
     dump's (ascending) order. Internal when the dump holds no such device: LVM knows the LV, the pool does not."""
     block = 0
-    seen = False
+    seen = inside = False
     for tag, a, parents in _elements(f):
         if tag == "superblock":
             block = _block_bytes(a)
         elif tag == "device":
-            seen = seen or a.get("dev_id") == str(dev_id)
-        elif parents[-1:] == ("device",) and tag == "range_mapping":
+            inside = a.get("dev_id") == str(dev_id)  # only this device's mappings, whatever else a dump holds
+            seen = seen or inside
+        elif inside and parents[-1:] == ("device",) and tag == "range_mapping":
             yield int(a["origin_begin"]) * block, int(a["length"]) * block
-        elif parents[-1:] == ("device",) and tag == "single_mapping":
+        elif inside and parents[-1:] == ("device",) and tag == "single_mapping":
             yield int(a["origin_block"]) * block, block
     if not seen:
         raise Internal(f"thin device {dev_id} is not in the pool's metadata (LVM and the kernel disagree)")

@@ -67,6 +67,8 @@ def test_allocated_from_thin_dump(tmp_path) -> None:
     assert list(coalesce(ranges, CHUNK, 1 << 40)) == [(16 * CHUNK, 4 * CHUNK), (320 * CHUNK, 48 * CHUNK)]
     with _tool(["thin_dump", "--format", "xml", "--dev-id", "1", meta]) as f:
         assert list(mapped_ranges(f, 1)) == [(16 * CHUNK, 4 * CHUNK), (100 * CHUNK, CHUNK)]
+    with _tool(["thin_dump", "--format", "xml", meta]) as f:  # a dump of every device: only the one asked for
+        assert list(mapped_ranges(f, 1)) == [(16 * CHUNK, 4 * CHUNK), (100 * CHUNK, CHUNK)]
 
 
 def test_unknown_device_is_an_error_not_an_empty_volume(tmp_path) -> None:
