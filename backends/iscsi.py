@@ -629,6 +629,21 @@ class IscsiBackend(Backend):
         except Exception as e:
             raise BackendUnavailable(f"iSCSI rescan of {props.get('target_iqn')} failed: {type(e).__name__}: {e}") from None
 
+    def node_attachment_valid(self, local_id: str, attachment: Attachment,
+                              context: Mapping[str, str]) -> Optional[bool]:
+        """The recorded disk's number is a SCSI disk on a session to this volume's target IQN (its context, else
+        the IQN its ID gives), at the LUN it was attached with; a multipath node when every path is
+        (backends/node_proof.py). After a logout the disk is gone; a disk name reused by another login is not it."""
+        from . import node_proof
+        iqn = context.get("targetIqn") or self.iqn(local_id)
+        lun = (attachment.data.get("properties") or {}).get("target_lun")
+        if not _IQN_RE.match(iqn):
+            return False
+        if not isinstance(lun, int):
+            return None  # a record without the LUN it was attached with: nothing to compare
+        rdev = node_proof.device_rdev(attachment.device)
+        return rdev is not None and node_proof.scsi_is(rdev, iqn, lun)
+
 
 _PUB_PREFIX = "pub."
 

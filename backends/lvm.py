@@ -390,6 +390,19 @@ class LvmBackend(Backend):
     def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
         """Nothing to do: lvextend resizes the device-mapper table in this same kernel."""
 
+    def node_attachment_valid(self, local_id: str, attachment: Attachment,
+                              context: Mapping[str, str]) -> Optional[bool]:
+        """The recorded device's number is the device-mapper node LVM made for this backend's VG and this
+        volume's LV (its dm name, backends/node_proof.py): a deactivated LV, or a dm minor now another LV's, is
+        not. The LV is the volume ID's, never the record's."""
+        from . import node_proof
+        try:
+            validate_name(local_id, "LV")
+        except TesseraError:
+            return False
+        rdev = node_proof.device_rdev(attachment.device)
+        return rdev is not None and node_proof.dm_is_lv(rdev, self.lvm.vg, local_id)
+
 
 
     def orphans(self) -> list[Orphan]:

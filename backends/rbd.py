@@ -1328,6 +1328,45 @@ class RbdBackend(Backend):
             from csi import loopdev
             loopdev.refresh(attachment.device)
 
+    def node_attachment_valid(self, local_id: str, attachment: Attachment,
+                              context: Mapping[str, str]) -> Optional[bool]:
+        """Proven from the kernel (backends/node_proof.py), for the image the *volume* names (its context, else its
+        ID), never the one the record names: krbd — /sys/bus/rbd/devices/<id> of this device number names this
+        pool/image's head; rbd-nbd — the nbd device's serving process is an rbd-nbd map of it (or, when that
+        process is not visible here, `rbd-nbd list-mapped` lists it); fuse — the loop device is backed by this
+        image's rbd-fuse file and that FUSE mount is alive."""
+        from . import node_proof
+        parsed = self._split(local_id, VOL_PREFIX)
+        if parsed is None:
+            return False
+        pool, image = context.get("pool", parsed[0]), context.get("image", parsed[1])
+        if not POOL_RE.match(pool) or not IMAGE_RE.match(image):
+            return False
+        rdev = node_proof.device_rdev(attachment.device)
+        if rdev is None:
+            return False
+        mounter = attachment.data.get("mounter") or context.get("mounter", self.options.mounter)
+        if mounter == "krbd":
+            return node_proof.krbd_is(rdev, pool, image)
+        if mounter == "nbd":
+            pid = node_proof.nbd_pid(rdev)
+            listed = None
+            if pid is not None and node_proof.rbd_nbd_serves(pid, pool, image) is None:
+                try:  # the serving process is in another PID namespace: ask rbd-nbd itself
+                    listed = json.loads(run(["rbd-nbd", "list-mapped", "--format", "json"], timeout=30).stdout
+                                        or "[]")
+                except (CommandError, ValueError, OSError):
+                    listed = None
+            return node_proof.nbd_is(rdev, attachment.device, pool, image, listed)
+        if mounter == "fuse":
+            from csi import loopdev
+            mnt = self._fuse_mountpoint(pool, image)
+            path = os.path.join(mnt, image)
+            if node_proof.loop_backing_name(rdev) not in (path, os.path.realpath(mnt) + "/" + image):
+                return False
+            return node_proof.fuse_mounted(mnt) and loopdev.backs(attachment.device, path)
+        return False
+
     # krbd / rbd-nbd: the same `rbd map` os-brick's RBD connector runs for a local attach, called directly so the
     # node needs no rootwrap/privsep setup (the node plugin already runs privileged).
     def _krbd_attach(self, pool: str, image: str, secrets: Mapping[str, str], readonly: bool = False,
