@@ -1497,6 +1497,7 @@ class RbdBackend(Backend):
             if not dev:
                 break
             loopdev.detach(dev)
+        daemons = _fuse_daemons(mnt) if mnt else []
         if mnt and _is_mountpoint(mnt):
             deadline = time.monotonic() + 10
             while True:
@@ -1508,6 +1509,9 @@ class RbdBackend(Backend):
                         run(["umount", "-l", mnt], timeout=30)
                         break
                     time.sleep(0.1)  # the loop device lets go of the file asynchronously
+        # The daemon closes the image (and so drops its watch) as it exits, a moment after the unmount: a
+        # DeleteVolume right after the unstage would otherwise meet that watch and answer "still in use".
+        _wait_gone(daemons, timeout=15.0)
         if mnt:
             with contextlib.suppress(OSError):
                 os.rmdir(mnt)
@@ -1619,6 +1623,42 @@ def _unmap(argv: list[str]) -> None:
         if "not mapped" in e.stderr or "No such" in e.stderr or "Invalid argument" in e.stderr:
             return
         raise
+
+
+def _fuse_daemons(mountpoint: str) -> list[int]:
+    """PIDs of the rbd-fuse processes serving `mountpoint` (their command line names it)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"rbd-fuse" and os.fsencode(mountpoint) in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    """Until every process in `pids` has exited (or `timeout`); a process left running is logged, not killed."""
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+        if left:
+            time.sleep(0.05)
+    if left:
+        log.warning("rbd-fuse %s still running %.0fs after its unmount", left, timeout)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 BACKEND = RbdBackend
