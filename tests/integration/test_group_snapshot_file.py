@@ -9,6 +9,7 @@ an instant may fall between them; what a consistent group can show is (A, B, C) 
 (n, n, n-1) — never a member ahead of one written before it, and never more than one record apart."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -185,3 +186,41 @@ def test_raw_block_member_is_refused(ledger, groups, tmp_path):
         assert os.pwrite(fd, b"x" * 4096, 0) == 4096
     finally:
         os.close(fd)
+
+
+def test_a_create_killed_while_frozen_is_thawed_by_its_retry(ledger, groups, tmp_path):
+    """The state a kill -9 inside the freeze leaves: a member filesystem frozen and the marker naming it. The retry
+    of the same create thaws it first (instead of meeting EBUSY forever) and cuts the group."""
+    import fcntl
+    cap = mount_cap("ext4")
+    vol = create(ledger, cap)
+    target = attach(ledger, tmp_path, vol, cap)
+    name = f"group-{uuid.uuid4().hex[:8]}"
+    req = pb.CreateVolumeGroupSnapshotRequest(name=name, source_volume_ids=[vol.volume_id])
+    gid = groups.CreateVolumeGroupSnapshot(req, timeout=300).group_snapshot.group_snapshot_id
+    groups.DeleteVolumeGroupSnapshot(pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=gid), timeout=300)
+    backend_dir = os.path.dirname(os.path.dirname(vol.volume_context["path"]))
+    marker = os.path.join(backend_dir, "groups", f".{gid.partition(':')[2]}.frozen.json")
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with open(marker, "w") as f:
+            json.dump({"frozen": [{"mountpoint": target, "dev": os.fstat(fd).st_dev}]}, f)
+        fcntl.ioctl(fd, 0xC0045877, 0)  # FIFREEZE, as the killed create had done
+        try:
+            group = groups.CreateVolumeGroupSnapshot(req, timeout=300).group_snapshot
+        finally:
+            try:
+                fcntl.ioctl(fd, 0xC0045878, 0)  # FITHAW: must already be thawed, EINVAL then
+                thawed_by_us = True
+            except OSError:
+                thawed_by_us = False
+    finally:
+        os.close(fd)
+    ledger.push("group " + gid, lambda: groups.DeleteVolumeGroupSnapshot(
+        pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=gid), timeout=300))
+    assert not thawed_by_us, "the retry left the filesystem frozen"
+    assert group.group_snapshot_id == gid and len(group.snapshots) == 1
+    assert not os.path.exists(marker)
+    with open(os.path.join(target, "after"), "wb") as f:  # writable: thawed
+        f.write(b"x")
+        os.fsync(f.fileno())
