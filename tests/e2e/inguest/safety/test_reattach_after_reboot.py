@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import grpc
 
 from csi._pb import csi_pb2 as pb
 from backends import node_proof
-from tests.e2e.inguest.safety.env import MIB, Node, Pair, pread_direct, pwrite_direct
+from tests.e2e.inguest.safety.env import MIB, PORTALS, Node, Pair, pread_direct, pwrite_direct
 from tests.sanity.harness import Client, block_cap
 
 SIZE = 16 * MIB
@@ -138,3 +139,86 @@ def test_lvm_reboot_with_device_numbers_swapped_restages_the_right_lv(thick: Pai
     _restage_reads(p, a, data_a, data_b, b_dev)
     assert pread_direct(b_dev, MIB, 0) == data_b, "volume B changed while A was re-staged"
 
+
+# ---- iSCSI (LIO + open-iscsi) --------------------------------------------------------------------------------
+def _sessions() -> dict[str, str]:
+    """targetname -> sid of every iSCSI session of this initiator (from sysfs)."""
+    root = "/sys/class/iscsi_session"
+    out = {}
+    for sess in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        with open(os.path.join(root, sess, "targetname")) as f:
+            out[f.read().strip()] = sess.removeprefix("session")
+    return out
+
+
+def _session_disks(iqn: str) -> list[int]:
+    """Device numbers of the SCSI disks on this initiator's session to `iqn`."""
+    import glob
+    sid = _sessions().get(iqn)
+    if sid is None:
+        return []
+    out = []
+    for dev in glob.glob(f"/sys/class/iscsi_session/session{sid}/device/target*/*:*:*:*/block/*/dev"):
+        with open(dev) as f:
+            major, minor = f.read().strip().split(":")
+        out.append(os.makedev(int(major), int(minor)))
+    return sorted(out)
+
+
+def _logout(iqn: str) -> None:
+    sid = _sessions().get(iqn)
+    if sid is not None:
+        _sh(["iscsiadm", "-m", "session", "-r", sid, "-u"])
+
+
+def test_iscsi_reboot_with_disks_swapped_restages_the_right_lun(iscsi: Pair) -> None:
+    p = iscsi
+    ctx = {"targetPortals": PORTALS[0]}
+    vols, targets, datas = [], [], []
+    for tag in ("a", "b"):
+        vol = p.create(f"ds-reboot-iscsi-{tag}", SIZE, CAP)
+        pc = p.controller_publish(p.a, vol, CAP, False)
+        staging = p.stage(p.a, vol, CAP, f"reboot-{tag}", pc, {**vol.volume_context, **ctx})
+        targets.append(p.publish(p.a, vol, CAP, staging, f"reboot-{tag}"))
+        vols.append((vol, pc))
+        datas.append(os.urandom(MIB))
+        pwrite_direct(targets[-1], datas[-1], 0)
+    (a, pca), (b, _) = vols
+    data_a, data_b = datas
+    old_a = os.stat(targets[0]).st_rdev
+    iqn_a, iqn_b = a.volume_context["targetIqn"], b.volume_context["targetIqn"]
+    lun = int(pca.get("lun") or a.volume_context.get("lun") or 0)
+    assert node_proof.scsi_is(old_a, iqn_a, lun) is True
+    assert node_proof.scsi_is(old_a, iqn_b, lun) is False
+    assert node_proof.scsi_is(old_a, iqn_a, lun + 1) is False
+    # the "reboot": publishes unmounted, every session logged out behind the plugin's back; B logs in first and
+    # takes the lowest free SCSI disk index: A's old sdX and device number
+    _unmount_all_under(p.workdir)
+    old_b = os.stat(targets[1]).st_rdev
+    for iqn in (iqn_a, iqn_b):
+        _logout(iqn)
+    for _ in range(200):  # the kernel frees a disk's index when its last user lets go (bounded: 20 s)
+        if not any(os.path.exists(f"/sys/dev/block/{os.major(d)}:{os.minor(d)}") for d in (old_a, old_b)):
+            break
+        time.sleep(0.1)
+    subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True)
+    _sh(["iscsiadm", "-m", "node", "-T", iqn_b, "-p", PORTALS[0], "--login"])
+    p.undo(f"log out of {iqn_b} (logged in by the test)", lambda: _logout(iqn_b))
+    # os-brick's node records say node.session.scan=manual: scan B's LUN as os-brick does (the host's scan file)
+    host = os.path.basename(os.path.dirname(os.path.realpath(
+        f"/sys/class/iscsi_session/session{_sessions()[iqn_b]}/device")))
+    with open(f"/sys/class/scsi_host/{host}/scan", "w") as f:
+        f.write(f"- - {lun}")
+    for _ in range(200):  # the disk appears a moment after the login (bounded: 20 s)
+        if _session_disks(iqn_b):
+            break
+        time.sleep(0.1)
+    got = _session_disks(iqn_b)
+    assert got == [old_a], f"B's disk came up as {[f'{os.major(d)}:{os.minor(d)}' for d in got]}, not at A's old " \
+                           f"device number {os.major(old_a)}:{os.minor(old_a)}: the test proves nothing"
+    b_dev = _dev_node(old_a)
+    assert node_proof.scsi_is(old_a, iqn_b, lun)
+    assert pread_direct(b_dev, MIB, 0) == data_b
+    assert node_proof.scsi_is(old_a, iqn_a, lun) is False
+    _restage_reads(p, a, data_a, data_b, b_dev, pc=pca, context={**a.volume_context, **ctx})
+    assert pread_direct(b_dev, MIB, 0) == data_b, "volume B changed while A was re-staged"
