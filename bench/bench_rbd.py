@@ -52,6 +52,19 @@ def create_req(name: str) -> pb.CreateVolumeRequest:
                                   volume_capabilities=[mount_cap("ext4")], parameters={"backend": "ceph"})
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (VmRSS), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load() -> str:
+    return "load %.2f %.2f %.2f" % os.getloadavg()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iterations", type=int, default=100)
@@ -82,6 +95,8 @@ def main() -> int:
             rbd.RBD().create(io, f"raw-warm-{i}", SIZE, features=features)
             rbd.RBD().remove(io, f"raw-warm-{i}")
 
+        assert server.proc is not None
+        rss = {"idle, after warm-up": rss_mib(server.proc.pid)}
         floor = []
         for _ in range(100):
             s = time.perf_counter()
@@ -135,7 +150,9 @@ def main() -> int:
                     lat[label][1].append(time.perf_counter() - s)
             done += count
 
-        print(f"\nlatency, {a.iterations} sequential create+delete of {SIZE >> 20} MiB images per path, "
+        rss["after the latency part"] = rss_mib(server.proc.pid)
+        print(f"\n{load()}")
+        print(f"latency, {a.iterations} sequential create+delete of {SIZE >> 20} MiB images per path, "
               f"in blocks of {BLOCK}, paths rotated per block (ms):")
         print(f"{'':18}{'p50':>8}{'p95':>8}")
         for label, xs in (("gRPC CreateVolume", lat["gRPC"][0]), ("raw rbd create", lat["raw"][0]),
@@ -167,6 +184,10 @@ def main() -> int:
                     list(ex.map(drop, objs))
                     rates[label][1].append(n / (time.perf_counter() - s))
         backend.close()
+        rss[f"after {a.rounds} rounds of {a.concurrent} creates"] = rss_mib(server.proc.pid)
+        time.sleep(5)
+        rss["idle 5 s later"] = rss_mib(server.proc.pid)
+        print(f"\n{load()}")
         med = {k2: (statistics.median(v[0]), statistics.median(v[1])) for k2, v in rates.items()}
         print(f"\nthroughput, {n} volumes, {k} concurrent callers, median of {a.rounds} alternating rounds "
               "(volumes/s):")
@@ -175,6 +196,8 @@ def main() -> int:
             rspread = ", ".join(f"{x:.0f}" for x in rates["raw"][i])
             print(f"gRPC {what} {med['gRPC'][i]:8.1f} [{spread}]   raw rbd {raw_what} {med['raw'][i]:8.1f} "
                   f"[{rspread}]   ratio {med['gRPC'][i] / med['raw'][i]:.2f}" + ("  (goal >= 0.8)" if i == 0 else ""))
+        print(f"\ncontroller RSS (MiB, MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')} in the "
+              f"bench's environment): " + ", ".join(f"{k} {v:.1f}" for k, v in rss.items()) + f"   {load()}")
         left = [x for x in rbd.RBD().list(io) if x.startswith(("tessera-vol-", "raw-"))]
         print(f"images left behind: {len(left)}")
     finally:

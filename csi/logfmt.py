@@ -11,7 +11,9 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 import threading
 import time
@@ -111,8 +113,49 @@ def configure(log_format: str, level: str, capture_stderr: bool = True) -> None:
             stream = sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+    records: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, handler)
+    _listener.start()
+    atexit.register(_stop_listener, _listener)  # before _drain (atexit runs last-registered first)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    root.addHandler(handler)
+    root.addHandler(_Handoff(records))
     root.setLevel(getattr(logging, level.upper()))
+
+
+class _Handoff(logging.handlers.QueueHandler):
+    """Hands each record to the one writer thread. Why: with a StreamHandler on the root logger every RPC thread
+    formats its line and takes the handler's lock around the write, so 32 concurrent calls queue behind one lock;
+    here a thread only resolves its message (its arguments may change after the call) and leaves formatting and
+    writing to the listener. Unlike the stock `prepare`, the record is not formatted here and keeps its exc_info,
+    so the listener's formatter renders a traceback exactly as before (JSON: its own `traceback` field)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg = record.getMessage()
+        record.args = None
+        return record
+
+    def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+        """Without the handler lock that Handler.handle takes around emit: the queue is thread-safe by itself."""
+        if not self.filter(record):
+            return False
+        try:
+            self.enqueue(self.prepare(record))
+        except Exception:  # noqa: BLE001 - as Handler.emit: a log call never raises into the caller
+            self.handleError(record)
+        return True
+
+
+_listener: Optional[logging.handlers.QueueListener] = None
+
+
+def _stop_listener(listener: logging.handlers.QueueListener) -> None:
+    """At exit, write what is still queued: the last lines before an exit are the ones an operator needs."""
+    try:
+        listener.stop()
+    except Exception:  # noqa: BLE001 - already stopped by a later configure()
+        pass
