@@ -30,7 +30,7 @@ SUITES: list[Suite] = [
     Suite("lvm-data", ("tests/e2e/inguest/lvm",),
           "LVM backend data path, thick and thin: restage, block, snapshot restore, clone, online grow, capacity, "
           "changed-block tracking on thin (thin_dump/thin_delta)",
-          expected=145),
+          timeout=900, expected=145),
     Suite("sanity-lvm", ("tests/sanity", "--sanity-profile", "lvm-thick", "--sanity-profile", "lvm-thin"),
           "the CSI conformance suite against the LVM backend (thick and thin) on a loop-backed VG",
           timeout=900, expected=410),
