@@ -770,15 +770,13 @@ class RbdBackend(Backend):
                 with img:
                     v1 = self._v1_parent(img, name)
         try:  # fast path: no dependants, no leftovers
-            rbd.RBD().remove(conn.ioctx(pool), name)
+            self._unless_busy(lambda: rbd.RBD().remove(conn.ioctx(pool), name), pool, name, what)
             self._forget_stale(conn, pool, name)
             self._release_v1(conn, v1, name)
             return
         except rbd.ImageNotFound:
             self._forget_stale(conn, pool, name)
             return
-        except rbd.ImageBusy:
-            self._busy(pool, name, what)
         except rbd.ImageHasSnapshots:
             pass
         img = self._open(conn, pool, name, read_only=False)
@@ -793,17 +791,14 @@ class RbdBackend(Backend):
                 self._drop_snap(img, snap)
             image_id = img.id()
         if children:
-            try:
-                rbd.RBD().trash_move(conn.ioctx(pool), name)
-            except rbd.ImageBusy:
-                self._busy(pool, name, what)
+            self._unless_busy(lambda: rbd.RBD().trash_move(conn.ioctx(pool), name), pool, name, what)
             log.info("moved %s/%s to the trash; its %d dependant(s) are flattened in the background, then it is "
                      "purged", pool, name, len(children))
             self._queue_purge(secrets, pool, image_id, name)
             return
         for attempt in range(50):
             try:
-                rbd.RBD().remove(conn.ioctx(pool), name)
+                self._unless_busy(lambda: rbd.RBD().remove(conn.ioctx(pool), name), pool, name, what)
                 self._forget_stale(conn, pool, name)
                 self._release_v1(conn, v1, name)
                 return
@@ -812,11 +807,24 @@ class RbdBackend(Backend):
                 return
             except rbd.ImageHasSnapshots:
                 time.sleep(0.05)  # a trashed snapshot goes away once its last clone is flattened
-            except rbd.ImageBusy:
-                self._busy(pool, name, what)
         raise InUse(f"{what} still has snapshots that could not be removed")
 
     # ---- volumes ------------------------------------------------------------------------------------------
+    def _unless_busy(self, call: Any, pool: str, name: str, what: str, patience: float = 5.0) -> None:
+        """`call()` (a remove or trash move), retried while the image is busy for a moment: a watch that is going
+        away (this process's own background job closing the image, a node's unmap finishing) is not a node that
+        still uses the volume. Still busy after `patience` seconds: `_busy` decides the answer."""
+        import rbd
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                call()
+                return
+            except rbd.ImageBusy:
+                if (pool, name) in self._flattening or time.monotonic() > deadline:
+                    self._busy(pool, name, what)
+                time.sleep(0.2)
+
     def _busy(self, pool: str, name: str, what: str) -> None:
         """Raise for an image that has watchers: our own background flatten (ABORTED: retry once it is done), or a
         node that still has it mapped (FAILED_PRECONDITION)."""
