@@ -30,26 +30,27 @@ SUITES: list[Suite] = [
     Suite("lvm-data", ("tests/e2e/inguest/lvm",),
           "LVM backend data path, thick and thin: restage, block, snapshot restore, clone, online grow, capacity, "
           "changed-block tracking on thin (thin_dump/thin_delta)",
-          timeout=900, expected=145),
+          timeout=1500, expected=460),
     Suite("sanity-lvm", ("tests/sanity", "--sanity-profile", "lvm-thick", "--sanity-profile", "lvm-thin"),
           "the CSI conformance suite against the LVM backend (thick and thin) on a loop-backed VG",
-          timeout=900, expected=410),
+          timeout=2400, expected=800),
     Suite("flex-lvm", ("tests/e2e/inguest/flex",),
           "FlexVolume shim + provisioner PVC-to-mount walk on LVM (thick and thin), the shim called as kubelet calls it",
-          expected=33),
+          timeout=600, expected=76),
     Suite("iscsi-data", ("tests/e2e/inguest/iscsi",),
           "iSCSI backend data path: LIO target + open-iscsi via os-brick, CHAP, restage, online grow, shared sessions",
-          expected=74),
+          timeout=900, expected=157),
     Suite("sanity-iscsi", ("tests/sanity", "--sanity-profile", "iscsi-lio-thin", "--sanity-profile", "iscsi-lio-file"),
           "the CSI conformance suite against the iSCSI backend (LIO on thin LVs and on files, open-iscsi initiator)",
-          timeout=1200, expected=620),
+          timeout=2400, expected=900),
     Suite("sanity-rbd-kernel", ("tests/sanity", "--sanity-profile", "rbd-krbd", "--sanity-profile", "rbd-nbd"),
           "the CSI conformance suite against the RBD backend with the kernel mounters (krbd, rbd-nbd) on a Ceph "
-          "cluster started inside the guest", timeout=1200, expected=195),
+          "cluster started inside the guest", timeout=2400, expected=500),
     Suite("data-safety", ("tests/e2e/inguest/safety",),
           "two node plugins in one guest: reader-only RBD (krbd) and iSCSI volumes never written, a second RBD "
-          "writer refused, a multi-writer block volume written by both, thick LVM blank after delete",
-          timeout=900, expected=150),
+          "writer refused, a multi-writer block volume written by both, thick LVM blank after delete, and a simulated "
+          "reboot (devices detached and renumbered behind the plugin's back) for krbd, thick LVM and iSCSI",
+          timeout=1500, expected=320),
 ]
 
 
