@@ -81,6 +81,12 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _completion(args: argparse.Namespace) -> int:
+    from .completion import script
+    print(script(parser(), args.shell), end="")
+    return 0
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -123,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--state-dir", default=None, help="state directory (node records)")
     common.add_argument("--node-id", default=None, help="node name (default $NODE_NAME or the hostname)")
     add_inspect(sub, common)
+    comp = sub.add_parser("completion", help="print a shell completion script (eval \"$(tessera-csi completion bash)\")")
+    comp.add_argument("shell", choices=["bash", "zsh"])
+    comp.set_defaults(func=_completion)
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=lambda a: print(f"tessera-csi {constants.VENDOR_VERSION}") or 0)
     return p
