@@ -141,9 +141,14 @@ def refresh(device: str) -> None:
 
 
 def read_only_views(device: str) -> list[str]:
-    """Read-only loop devices stacked on `device` (made by `attach_read_only_view`), oldest first."""
+    """Read-only loop devices stacked on `device` (made by `attach_read_only_view`), oldest first.
+
+    Compared by the resolved path: the kernel records the device node it opened (`/dev/dm-0`), while a backend may
+    name the volume's device by a link to it (LVM's `/dev/<vg>/<lv>`, iSCSI's `/dev/disk/by-path/...`)."""
+    wanted = os.path.realpath(device)
     return [dev["name"] for dev in _list("NAME,BACK-FILE,RO")
-            if (dev.get("back-file") or "") == device and dev.get("ro") in (True, 1, "1")]
+            if dev.get("back-file") and os.path.realpath(dev["back-file"]) == wanted
+            and dev.get("ro") in (True, 1, "1")]
 
 
 def attach_read_only_view(device: str, exclude: frozenset[str] = frozenset()) -> str:
