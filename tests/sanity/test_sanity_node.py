@@ -291,6 +291,15 @@ def test_full_lifecycle(plugin, ledger, kind, readonly):
     call made twice (idempotency)."""
     cap = cap_for(plugin, kind)
     vol = make_volume(plugin, ledger, cap, kind)
+    if readonly and not is_block(cap) and plugin.has("PUBLISH_READONLY") and \
+            plugin.has_node("STAGE_UNSTAGE_VOLUME"):
+        # ControllerPublishVolume(readonly) makes the volume read-only on the node, so a blank volume cannot get
+        # its filesystem then (a reader-only stage never formats): as with a read-only PVC, a writer made it first.
+        rw_ctx = ledger.controller_publish(vol.volume_id, cap, False)
+        first = plugin.staging_dir()
+        ledger.stage(vol, first, cap, rw_ctx)
+        ledger.unstage(vol.volume_id, first)
+        ledger.controller_unpublish(vol.volume_id)
     pctx = ledger.controller_publish(vol.volume_id, cap, readonly)
     assert ledger.controller_publish(vol.volume_id, cap, readonly) == pctx
     staging = ""
