@@ -26,7 +26,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from csi._pb import csi_pb2 as pb  # noqa: E402
-from tests.sanity.harness import MIB, Client, Ledger, ServerProcess, block_cap, mount_cap  # noqa: E402
+from tests.sanity.harness import MIB, ServerProcess, block_cap, mount_cap  # noqa: E402
 
 C = grpc.StatusCode
 NODE = "data-node"
@@ -45,38 +45,6 @@ def server(tmp_path_factory):
     yield srv
     rc = srv.stop()
     assert rc == 0, f"server exit code {rc} after SIGTERM:\n{srv.log_tail()}"
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    c = Client(server.endpoint, timeout=300)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def ledger(client, server):
-    led = Ledger(client, client.node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=30).node_id, False)
-    yield led
-    problems = led.cleanup()
-    assert server.alive(), f"server died:\n{server.log_tail()}"
-    assert not problems, problems
-
-
-@pytest.fixture
-def dirs(tmp_path):
-    """Staging dirs and target parents made by the tester, as a CO does."""
-    class Dirs:
-        def staging(self) -> str:
-            p = tmp_path / f"staging-{uuid.uuid4().hex[:8]}"
-            p.mkdir()
-            return str(p)
-
-        def target(self) -> str:
-            p = tmp_path / f"pod-{uuid.uuid4().hex[:8]}"
-            p.mkdir()
-            return str(p / "target")
-    return Dirs()
 
 
 def create(ledger, size: int, cap: pb.VolumeCapability, source: pb.VolumeContentSource | None = None,

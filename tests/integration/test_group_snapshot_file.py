@@ -26,7 +26,7 @@ if _REPO not in sys.path:
 
 from csi._pb import csi_pb2 as pb  # noqa: E402
 from csi._pb import csi_pb2_grpc as rpc  # noqa: E402
-from tests.sanity.harness import MIB, Client, Ledger, ServerProcess, block_cap, mount_cap  # noqa: E402
+from tests.sanity.harness import MIB, Ledger, ServerProcess, block_cap, mount_cap  # noqa: E402
 
 C = grpc.StatusCode
 RECORD = 9  # "%08d\n"
@@ -42,22 +42,6 @@ def server(tmp_path_factory):
     yield srv
     rc = srv.stop()
     assert rc == 0, f"server exit code {rc} after SIGTERM:\n{srv.log_tail()}"
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    c = Client(server.endpoint, timeout=300)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def ledger(client, server):
-    led = Ledger(client, client.node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=30).node_id, False)
-    yield led
-    problems = led.cleanup()
-    assert server.alive(), f"server died:\n{server.log_tail()}"
-    assert not problems, problems
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from csi._pb import csi_pb2 as pb
 from tests.ceph.fixtures import CephInfo
 from tests.integration.snapmeta import (BEFORE, BETWEEN, BLOCK, SIZE, Metadata, check_paging, flat, make_scenario,
                                         rounded, write_blocks)
-from tests.sanity.harness import MIB, PLUGIN, Client, Ledger, ServerProcess, block_cap
+from tests.sanity.harness import MIB, PLUGIN, ServerProcess, block_cap
 
 pytestmark = pytest.mark.ceph
 C = grpc.StatusCode
@@ -48,37 +48,6 @@ def server(ceph_cluster: CephInfo, tmp_path_factory, request):
     yield srv
     rc = srv.stop()
     assert rc == 0, f"server exit code {rc} after SIGTERM:\n{srv.log_tail()}"
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    c = Client(server.endpoint, timeout=300)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def ledger(client, server):
-    led = Ledger(client, client.node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=30).node_id, False)
-    yield led
-    problems = led.cleanup()
-    assert server.alive(), f"server died:\n{server.log_tail()}"
-    assert not problems, problems
-
-
-@pytest.fixture
-def dirs(tmp_path):
-    class Dirs:
-        def staging(self) -> str:
-            p = tmp_path / f"staging-{uuid.uuid4().hex[:8]}"
-            p.mkdir()
-            return str(p)
-
-        def target(self) -> str:
-            p = tmp_path / f"pod-{uuid.uuid4().hex[:8]}"
-            p.mkdir()
-            return str(p / "target")
-    return Dirs()
 
 
 def wait_ready(client, snapshot_id: str, attempts: int = 600) -> None:
