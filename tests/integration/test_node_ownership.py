@@ -61,6 +61,7 @@ else:
     from csi.config import load_config  # noqa: E402
     from csi.controllerops import ControllerOps  # noqa: E402
     from csi.nodeops import NodeOps  # noqa: E402
+    from csi.paths import check_path  # noqa: E402
     from csi.registry import Backends  # noqa: E402
 
     MOUNT = CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4")
@@ -201,9 +202,10 @@ else:
                         fn(vid, path)
                     except (FailedPrecondition, InvalidArgument, NotFound) as e:
                         assert len(str(e)) < 1200
+            # the host's own trees are judged by the path check alone: a regression must never get to act there
             for system in ("/etc/passwd", "/proc", "//etc", "/usr/bin", "/", "/dev/null", "/sys"):
-                for fn in (node.ops.unpublish, node.ops.unstage):
-                    _denied(fn, vid, system, codes=InvalidArgument)
+                for field in ("target_path", "staging_target_path"):
+                    _denied(check_path, system, field, codes=InvalidArgument)
         assert node.state_now() == before
         msg = _denied(node.ops.unstage, "local:vol-nothing", decoys["tmpfs"], codes=FailedPrecondition)
         assert "decoy" in msg and "left alone" in msg
@@ -243,9 +245,10 @@ else:
         _denied(node.ops.stage, vid, decoys["link"], MOUNT, ctx, {}, {}, codes=InvalidArgument)
         _denied(node.ops.stage, vid, decoys["dirlink"], MOUNT, ctx, {}, {}, codes=InvalidArgument)
         _denied(node.ops.stage, vid, decoys["dirlink"] + "/x", MOUNT, ctx, {}, {}, codes=InvalidArgument)
-        for system in ("/etc", "//etc", "/usr/bin", "/proc", "/var/lib", node.state, node.files,
-                       os.path.join(node.files, "volumes")):
-            _denied(node.ops.stage, vid, system, MOUNT, ctx, {}, {}, codes=InvalidArgument)
+        for system in ("/etc", "//etc", "/usr/bin", "/proc", "/var/lib"):  # judged by the path check alone
+            _denied(check_path, system, "staging_target_path", codes=InvalidArgument)
+        for own in (node.state, node.files, os.path.join(node.files, "volumes")):  # decoys under the temp dir
+            _denied(node.ops.stage, vid, own, MOUNT, ctx, {}, {}, codes=InvalidArgument)
         for flags in (("remount",), ("offset=4096",), ("loop",), ("bind",), ("ro,remount",), ("x-mount.mkdir",)):
             cap = CapabilitySpec("mount", "SINGLE_NODE_WRITER", "ext4", flags)
             _denied(node.ops.stage, vid, node.dir("plugins", "flags"), cap, ctx, {}, {}, codes=InvalidArgument)
