@@ -513,8 +513,10 @@ else:
         pods = node.dir("pods", "fp", "volumes", "tessera~block")
         Records(node.state)  # its directories exist from the first call on
         before = node.state_now()
-        bad_dirs = [os.fsdecode(os.fsencode(pods) + b"/\xff\xfe"), "/", "//etc", "/etc", node.state,
-                    os.path.join(node.files, "volumes")]
+        # the host's own trees are judged by the path check the shim applies first (flex/shim.py), never handed to it
+        for system in ("/", "//etc", "/etc", "/usr/bin", "/proc"):
+            _denied(check_path, system, "mount directory", codes=InvalidArgument)
+        bad_dirs = [os.fsdecode(os.fsencode(pods) + b"/\xff\xfe"), node.state, os.path.join(node.files, "volumes")]
         for d in bad_dirs:
             reply = _flex(node, monkeypatch, "mount", d, _flex_opts(vid))
             assert reply["status"] == "Failure", (d, reply)
