@@ -9,6 +9,9 @@ that does not apply to the plugin under test (a capability it does not advertise
 from __future__ import annotations
 
 import os
+import sys
+import time
+from collections import Counter
 
 import pytest
 
@@ -17,6 +20,8 @@ import pytest
 pytest_plugins = ["tests.ceph.fixtures"]
 
 _missing: list[str] = []
+_seconds_by_file: Counter[str] = Counter()  # setup + call + teardown, per test file
+_started = time.monotonic()
 
 
 def strict() -> bool:
@@ -33,6 +38,7 @@ def _note_skip(report) -> None:
 
 def pytest_runtest_logreport(report):
     _note_skip(report)
+    _seconds_by_file[report.nodeid.split("::", 1)[0]] += report.duration
 
 
 def pytest_collectreport(report):
@@ -58,3 +64,19 @@ def require(condition: bool, what: str) -> None:
     """Skip loudly (and fail under CI) when a prerequisite is missing."""
     if not condition:
         pytest.skip(f"MISSING: {what}")
+
+
+def pytest_unconfigure(config):
+    """Where the time went, as the very last lines of the run (after pytest's own summary), so that a CI log that
+    keeps only its tail still says which stage made a run slow."""
+    if not _seconds_by_file or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    by_area: Counter[str] = Counter()
+    for path, secs in _seconds_by_file.items():
+        parts = path.split("/")
+        by_area["/".join(parts[:2]) if len(parts) > 2 else path] += secs
+    areas = ", ".join(f"{a} {s / 60:.1f}m" for a, s in by_area.most_common(8))
+    files = ", ".join(f"{f.rpartition('/')[2]} {s:.0f}s" for f, s in _seconds_by_file.most_common(6))
+    out = sys.__stdout__
+    print(f"time by area ({(time.monotonic() - _started) / 60:.1f} min in all): {areas}", file=out)
+    print(f"slowest files: {files}", file=out, flush=True)
