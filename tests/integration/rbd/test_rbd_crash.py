@@ -21,6 +21,7 @@ from tests.sanity.harness import Client, ServerProcess, mount_cap
 pytestmark = pytest.mark.ceph
 MIB = 1 << 20
 DRIVER = "tessera.csi.dev"
+LEASE = 30  # the backend's lockLease: how long a killed server's operation lock outlives it
 
 
 def _request(name: str, source_id: str | None) -> pb.CreateVolumeRequest:
@@ -36,7 +37,8 @@ def test_kill_9_during_creates_loses_duplicates_and_orphans_nothing(ceph_cluster
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump({"backends": {"ceph": {
         "type": "rbd", "monitors": [ceph_cluster.monitors], "user": ceph_cluster.csi_user,
-        "keyringPath": ceph_cluster.csi_keyring, "pool": ceph_cluster.pool, "opTimeout": 10}}}))
+        "keyringPath": ceph_cluster.csi_keyring, "pool": ceph_cluster.pool, "opTimeout": 10,
+        "lockLease": LEASE}}}))
     workdir = str(tmp_path / "server")
     names = [f"crash-{run_tag}-{i:03d}" for i in range(36)]
     rng = random.Random(int(run_tag, 16))
@@ -83,18 +85,8 @@ def test_kill_9_during_creates_loses_duplicates_and_orphans_nothing(ceph_cluster
     # the CO retries every name until it succeeds
     final: dict[str, str] = {}
     for i, n in enumerate(names):
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                v = client.controller.CreateVolume(_request(n, source.volume_id if i % 3 == 0 else None),
-                                                   timeout=60).volume
-                break
-            except grpc.RpcError as e:
-                # ABORTED: a killed server's create still holds the image until its watch expires (5 s here)
-                if e.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        final[n] = v.volume_id
+        req = _request(n, source.volume_id if i % 3 == 0 else None)
+        final[n] = _retry_aborted(lambda: client.controller.CreateVolume(req, timeout=60)).volume.volume_id
     # none lost: what the plugin answered before a crash is still what it answers now
     for n, vid in answered.items():
         assert final[n] == vid
@@ -127,7 +119,7 @@ def test_kill_9_during_creates_loses_duplicates_and_orphans_nothing(ceph_cluster
         assert user_snaps == []  # no clone-helper snapshot left behind (trashed ones belong to the live clones)
     # and everything deletes cleanly
     for vid in list(final.values()) + [source.volume_id]:
-        client.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid), timeout=60)
+        _retry_aborted(lambda: client.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid), timeout=60))
     # (`rbd ls` also lists images whose removal was interrupted: they sit in the trash as REMOVING, which
     # trash_list() hides; `left` below catches them.)
     left = [i for i in rbd.RBD().list(admin_io) if i in expected]
@@ -135,6 +127,21 @@ def test_kill_9_during_creates_loses_duplicates_and_orphans_nothing(ceph_cluster
                         + "".join(l for l in open(server.log_path) if any(i in l for i in left)))
     client.close()
     server.stop()
+
+
+def _retry_aborted(call, patience: float = LEASE + 60):
+    """Call until it is not ABORTED, as the CO does. ABORTED is the spec's answer while another operation holds
+    the object, and a killed server's operation holds its lease lock (backends/rbd_locks.py) until the lease runs
+    out (`lockLease`, 30 s by default) — a create of the name or a delete of the volume made in that window is
+    refused. Patience is one lease plus a margin: a lock that outlives it is a leak, and the test fails."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _describe(io, image: str) -> str:
