@@ -39,7 +39,7 @@ SIDECAR_FLAGS = {
     "csi-provisioner": _COMMON | {"--feature-gates", "--extra-create-metadata", "--default-fstype", "--node-deployment",
                                   "--strict-topology", "--immediate-topology"},
     "csi-attacher": _COMMON,
-    "csi-resizer": _COMMON | {"--handle-volume-inuse-error"},
+    "csi-resizer": _COMMON | {"--handle-volume-inuse-error", "--feature-gates"},
     "csi-snapshotter": _COMMON | {"--extra-create-metadata", "--node-deployment"},
     "node-driver-registrar": {"--v", "--csi-address", "--kubelet-registration-path", "--http-endpoint"},
     "liveness-probe": {"--csi-address", "--http-endpoint"},

@@ -77,6 +77,27 @@ def test_priority_classes_and_extra_args():
     assert checks.plugin_args(next(c for c in containers(node) if c["name"] == "tessera-csi")).log_level == "warning"
 
 
+def _resizer_args(docs) -> list[str]:
+    return next(c for c in containers(_controller(docs)) if c["name"] == "csi-resizer")["args"]
+
+
+def test_volume_attributes_class_gate_is_the_operators_choice():
+    # ControllerModifyVolume is reached only through a resizer started with the VolumeAttributesClass gate; the
+    # gate needs the cluster's VolumeAttributesClass API, so it is off unless the operator turns it on
+    gate = "--feature-gates=VolumeAttributesClass=true"
+    assert gate not in _resizer_args(_validated({"controllerMode": "shared"}))
+    on = _validated({"controllerMode": "shared", "sidecars": {"resizer": {"volumeAttributesClass": True}}})
+    assert gate in _resizer_args(on)
+    for d in on:
+        if d.kind == "Deployment":
+            checks.check_sidecar_flags(d)
+    with helm_python.Chart.load(str(CHART_DIR)) as chart:
+        with pytest.raises(helm_python.HelmValuesError):
+            chart.validate_schema({"sidecars": {"resizer": {"volumeAttributesClas": True}}})  # a typo
+        with pytest.raises(helm_python.HelmValuesError):
+            chart.validate_schema({"sidecars": {"resizer": {"volumeAttributesClass": "yes"}}})
+
+
 def test_resources_reach_every_container():
     res = {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}
     sidecars = {k: {"resources": res} for k in ("provisioner", "attacher", "resizer", "snapshotter",
