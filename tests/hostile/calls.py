@@ -1,4 +1,5 @@
-"""Hypothesis strategies for CSI requests, valid and hostile mixed, across every Identity, Controller and Node RPC.
+"""Hypothesis strategies for CSI requests, valid and hostile mixed, across every Identity, Controller, Node,
+SnapshotMetadata and GroupController RPC.
 
 A generated `Call` is symbolic: volume IDs and paths are tokens (`@F`, `{stage0}` ...) that the driver resolves
 against its live world (the free volume, the volumes created so far, the decoys). Large values (10,000-key maps,
@@ -30,8 +31,10 @@ HOSTILE_IDS = ["", "x", ":", "local:", "local:vol-nothing", "local:vol-00000000-
                "nope:vol-1", "local:../../decoys/passwd", "local:vol-../../x", "local:snap-nothing", "LOCAL:VOL-1",
                "local:vol-\u00e9\u00e8", "local:vol-a\nb", "local:vol-a b", "local:vol-%2e%2e%2f", "\x00",
                "local:vol-\x00", "a" * 129, "@LONG5000", "@LONG200000", "@P1img", "{kubelet}/decoys/full"]
-SNAPSHOT_IDS = ["@S0", "@S1", "@S2", "", "local:snap-nothing", "nope:snap-1", "local:vol-x", "@LONG5000",
-                "local:snap-../../x"]
+SNAPSHOT_IDS = ["@S0", "@S1", "@S2", "@M0", "", "local:snap-nothing", "nope:snap-1", "local:vol-x", "@LONG5000",
+                "local:snap-../../x"]  # @M0: a member snapshot of a group made during the run
+GROUP_IDS = ["@G0", "@G1", "", "local:group-nothing", "local:group-00000000-0000-0000-0000-000000000000",
+             "nope:group-1", "local:group-../../x", "local:snap-nothing", "@LONG5000", "local:vol-x"]
 
 # `@STAGED`: where the request's volume is staged now (if anywhere); `@PUBLISHED`: one of its targets now
 VALID_STAGE = ["{stage0}", "{stage1}", "{stage2}", "{stage3}", "@STAGED", "@STAGED", "@STAGED"]
@@ -203,6 +206,17 @@ CALLS = st.one_of(
          max_results=st.sampled_from([0, 1, 256, 4096, 4097, -1, 2 ** 31 - 1, -(2 ** 31)]), secrets=secrets),
     call("GetMetadataDelta", base=mix(SNAPSHOT_IDS, HOSTILE_IDS), target=mix(SNAPSHOT_IDS, HOSTILE_IDS),
          offset=sizes, max_results=st.sampled_from([0, 1, 256, 4097, -1]), secrets=secrets),
+    # GroupController
+    call("GroupControllerGetCapabilities"),
+    call("CreateVolumeGroupSnapshot", name=names,
+         sources=st.lists(mix(["@F", "@C0", "@C1", "@STAGED_VOL"], HOSTILE_IDS, weights=[8, 1]),
+                          min_size=1, max_size=3, unique=True),
+         parameters=st.sampled_from(["{}"] * 6 + ["@PVC_META", "@HUGE_MAP", "@ONE_UNKNOWN", "@BACKEND_LOCAL"]),
+         secrets=secrets),
+    call("DeleteVolumeGroupSnapshot", group=mix(GROUP_IDS, HOSTILE_IDS, weights=[3, 1]),
+         snapshot_ids=st.lists(mix(SNAPSHOT_IDS), max_size=3), secrets=secrets),
+    call("GetVolumeGroupSnapshot", group=mix(GROUP_IDS, HOSTILE_IDS, weights=[3, 1]),
+         snapshot_ids=st.lists(mix(SNAPSHOT_IDS), max_size=3), secrets=secrets),
     # raw bytes protobuf cannot (or can only oddly) decode
     garbage,
 )
@@ -213,13 +227,15 @@ SERVICE = {
     "NodeUnpublishVolume": "Node", "NodeGetVolumeStats": "Node", "NodeExpandVolume": "Node",
     "NodeGetCapabilities": "Node", "NodeGetInfo": "Node",
     "GetMetadataAllocated": "SnapshotMetadata", "GetMetadataDelta": "SnapshotMetadata",
+    "GroupControllerGetCapabilities": "GroupController", "CreateVolumeGroupSnapshot": "GroupController",
+    "DeleteVolumeGroupSnapshot": "GroupController", "GetVolumeGroupSnapshot": "GroupController",
 }
 STREAMING = frozenset({"GetMetadataAllocated", "GetMetadataDelta"})
 ALL_METHODS = sorted({"GetPluginInfo", "GetPluginCapabilities", "Probe", "CreateVolume", "DeleteVolume",
                       "ControllerPublishVolume", "ControllerUnpublishVolume", "ValidateVolumeCapabilities",
                       "ListVolumes", "GetCapacity", "ControllerGetCapabilities", "CreateSnapshot", "DeleteSnapshot",
                       "ListSnapshots", "GetSnapshot", "ControllerExpandVolume", "ControllerGetVolume",
-                      "ControllerModifyVolume", *[m for m, s in SERVICE.items() if s in ("Node", "SnapshotMetadata")]})
+                      "ControllerModifyVolume", *[m for m, s in SERVICE.items() if s in ("Node", "SnapshotMetadata", "GroupController")]})
 
 
 def full_method(method: str) -> str:

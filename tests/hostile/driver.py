@@ -103,6 +103,7 @@ class Run:
         self.free_serial = 0
         self.created: list[str] = []
         self.snapshots: list[str] = []
+        self.groups: dict[str, list[str]] = {}  # group snapshot ID -> its member snapshot IDs
         self.protected: dict[str, str] = {}
         self.own_paths: dict[str, set[str]] = {}
         self.staged: dict[str, str] = {}
@@ -269,6 +270,12 @@ class Run:
             return self.protected[token]
         if token.startswith("@S"):
             return self.snapshots[int(token[2:]) % len(self.snapshots)] if self.snapshots else "local:snap-none"
+        if token.startswith("@G"):
+            groups = sorted(self.groups)
+            return groups[int(token[2:]) % len(groups)] if groups else "local:group-none"
+        if token == "@M0":
+            members = sorted(m for ms in self.groups.values() for m in ms)
+            return members[self.sent % len(members)] if members else "local:snap-none"
         return self.text(token)
 
     def path(self, token: str, vid: str = "") -> str:
@@ -433,6 +440,17 @@ class Run:
             return pb.GetMetadataDeltaRequest(base_snapshot_id=self.vid(f["base"]), target_snapshot_id=self.vid(f["target"]),
                                               starting_offset=f["offset"], max_results=f["max_results"],
                                               secrets=self.mapping(f["secrets"]))
+        if m == "GroupControllerGetCapabilities":
+            return pb.GroupControllerGetCapabilitiesRequest()
+        if m == "CreateVolumeGroupSnapshot":
+            return pb.CreateVolumeGroupSnapshotRequest(name=self.text(f["name"]),
+                                                       source_volume_ids=[self.vid(t) for t in f["sources"]],
+                                                       parameters=self.mapping(f["parameters"]),
+                                                       secrets=self.mapping(f["secrets"]))
+        if m in ("DeleteVolumeGroupSnapshot", "GetVolumeGroupSnapshot"):
+            return getattr(pb, m + "Request")(group_snapshot_id=self.vid(f["group"]),
+                                              snapshot_ids=[self.vid(t) for t in f["snapshot_ids"]],
+                                              secrets=self.mapping(f["secrets"]))
         raise AssertionError(f"no builder for {m}")
 
     # ---- one call --------------------------------------------------------------------------------------------
@@ -495,6 +513,11 @@ class Run:
             sid = pb.CreateSnapshotResponse.FromString(reply).snapshot.snapshot_id
             if sid not in self.snapshots:
                 self.snapshots.append(sid)
+        elif method == "CreateVolumeGroupSnapshot":
+            group = pb.CreateVolumeGroupSnapshotResponse.FromString(reply).group_snapshot
+            self.groups[group.group_snapshot_id] = [s.snapshot_id for s in group.snapshots]
+        elif method == "DeleteVolumeGroupSnapshot":
+            self.groups.pop(req.group_snapshot_id, None)
         elif method == "NodeStageVolume":
             self.staged[req.volume_id] = req.staging_target_path
             self.staged_block[req.volume_id] = req.volume_capability.HasField("block")
@@ -558,6 +581,8 @@ class Run:
             stage, target = (self.names[f"{key[1:]}stage"], self.names[f"{key[1:]}target"])
             undo("NodeUnpublishVolume", pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target))
             undo("NodeUnstageVolume", pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=stage))
+        for gid in sorted(self.groups):
+            undo("DeleteVolumeGroupSnapshot", pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=gid))
         for sid in self.snapshots:
             undo("DeleteSnapshot", pb.DeleteSnapshotRequest(snapshot_id=sid))
         for vid in self.created + [self.free] + list(self.protected.values()):
@@ -567,6 +592,12 @@ class Run:
             left = [e.volume.volume_id for e in pb.ListVolumesResponse.FromString(body).entries]
             if left:
                 self.findings.add("cleanup", f"volumes left after deleting every one the run made: {left[:5]}")
+        code, msg, body = self.rpc("ListSnapshots", pb.ListSnapshotsRequest())
+        if code == "OK" and body is not None:
+            left = [e.snapshot.snapshot_id for e in pb.ListSnapshotsResponse.FromString(body).entries]
+            if left:
+                self.findings.add("cleanup", f"snapshots left after deleting every group and snapshot the run made: "
+                                             f"{left[:5]}")
 
     def check_leaks(self) -> None:
         L = self.layout
