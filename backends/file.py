@@ -344,7 +344,20 @@ class FileBackend(Backend):
                     out.append(Orphan(path, f"{kind} record whose image is missing"))
                 elif n.endswith(".img.tmp") and not _flock_held(path):
                     out.append(Orphan(path, "temporary copy left by a crashed create (no writer holds it)"))
+                elif kind == "snapshot" and n.endswith(".json") and not n.startswith("."):
+                    group = self._group_of_record(path)
+                    if group and not file_group.committed(self, group):
+                        out.append(Orphan(path, f"member snapshot of group snapshot {group} whose create did not "
+                                                "reach its commit point (retrying that create removes and redoes "
+                                                "it)"))
         return out
+
+    @staticmethod
+    def _group_of_record(path: str) -> str:
+        try:
+            return str(read_json(path).get("group", ""))
+        except (OSError, ValueError, AttributeError):
+            return ""
 
     def usage(self) -> Usage:
         """The backing directory's filesystem, and the counts from the volume and snapshot records."""

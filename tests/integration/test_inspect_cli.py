@@ -89,3 +89,21 @@ def test_orphans_are_listed_and_left_alone(tmp_path):
         assert sorted(os.listdir(vol_dir)) == before  # read-only
     finally:
         os.close(holder)
+
+
+def test_members_of_an_unfinished_group_create_are_orphans(tmp_path):
+    """A group create killed before its commit point leaves member snapshots (image + record naming the group)
+    and no group record: nobody sees them as snapshots, and `volumes orphans` names them."""
+    _create(tmp_path, ["pvc-one"])
+    snap_dir = tmp_path / "data" / "snapshots"
+    member = "snap-44444444-4444-4444-4444-444444444444"
+    (snap_dir / f"{member}.img").write_bytes(b"\0" * 4096)
+    (snap_dir / f"{member}.json").write_text(json.dumps({
+        "name": "g/vol", "source_volume": "vol-x", "size": 4096, "created": 1.0,
+        "group": "group-55555555-5555-5555-5555-555555555555"}))
+    r = _cli(tmp_path, "orphans", "--json")
+    assert r.returncode == 0, r.stderr
+    found = {row["object"]: row["reason"] for row in json.loads(r.stdout)}
+    assert set(found) == {str(snap_dir / f"{member}.json")}
+    assert "group-55555555-5555-5555-5555-555555555555" in found[str(snap_dir / f"{member}.json")]
+    assert (snap_dir / f"{member}.img").exists()  # listed, never deleted
