@@ -43,10 +43,11 @@ SIDECAR_FLAGS = {
     "csi-snapshotter": _COMMON | {"--extra-create-metadata", "--node-deployment"},
     "node-driver-registrar": {"--v", "--csi-address", "--kubelet-registration-path", "--http-endpoint"},
     "liveness-probe": {"--csi-address", "--http-endpoint"},
+    "csi-snapshot-metadata": {"--csi-address", "--tls-cert", "--tls-key", "--audience"},
 }
 SIDECAR_IMAGES = {"csi-provisioner": "csi-provisioner", "csi-attacher": "csi-attacher", "csi-resizer": "csi-resizer",
                   "csi-snapshotter": "csi-snapshotter", "node-driver-registrar": "csi-node-driver-registrar",
-                  "liveness-probe": "livenessprobe"}
+                  "liveness-probe": "livenessprobe", "csi-snapshot-metadata": "csi-snapshot-metadata"}
 
 
 def check_sidecar_flags(doc: Doc) -> None:

@@ -1,7 +1,8 @@
 """JSON schemas for the custom resources the deploy files use, written from the CRD definitions' facts.
 
 kubernetes-validate only knows built-in kinds. VolumeSnapshotClass (snapshot.storage.k8s.io/v1, from the
-external-snapshotter CRDs) and ServiceMonitor (monitoring.coreos.com/v1, Prometheus Operator) are checked here,
+external-snapshotter CRDs), ServiceMonitor (monitoring.coreos.com/v1, Prometheus Operator) and
+SnapshotMetadataService (cbt.storage.k8s.io/v1alpha1, external-snapshot-metadata) are checked here,
 with additionalProperties false at every level we describe, so a misspelled field fails as it would for the
 built-ins. The ServiceMonitor schema covers the fields our chart may emit plus the common ones; anything else is
 an error, which is the point.
@@ -93,11 +94,32 @@ SERVICE_MONITOR = {
     },
 }
 
+# cbt.storage.k8s.io/v1alpha1 SnapshotMetadataService (external-snapshot-metadata's CRD): cluster-scoped, spec with
+# the three required strings address, audience and caCert (format byte: base64).
+SNAPSHOT_METADATA_SERVICE = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cbt.storage.k8s.io/v1alpha1"},
+        "kind": {"const": "SnapshotMetadataService"},
+        "metadata": _METADATA_CLUSTER,
+        "spec": {
+            "type": "object", "additionalProperties": False, "required": ["address", "audience", "caCert"],
+            "properties": {
+                "address": {"type": "string", "minLength": 1},
+                "audience": {"type": "string", "minLength": 1},
+                "caCert": {"type": "string", "minLength": 1,
+                           "pattern": r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"},
+            },
+        },
+    },
+}
+
 _SCHEMAS = {
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): VOLUME_SNAPSHOT_CLASS,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
+    ("cbt.storage.k8s.io/v1alpha1", "SnapshotMetadataService"): SNAPSHOT_METADATA_SERVICE,
 }
-CRD_GROUPS = {"snapshot.storage.k8s.io", "monitoring.coreos.com"}
+CRD_GROUPS = {"snapshot.storage.k8s.io", "monitoring.coreos.com", "cbt.storage.k8s.io"}
 
 
 def schema_for(api_version: str, kind: str) -> Optional[dict[str, Any]]:

@@ -3,6 +3,7 @@ CSIDriver's SELinux and fsGroup settings, and how shared controller replicas sur
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import pytest
@@ -96,6 +97,68 @@ def test_volume_attributes_class_gate_is_the_operators_choice():
             chart.validate_schema({"sidecars": {"resizer": {"volumeAttributesClas": True}}})  # a typo
         with pytest.raises(helm_python.HelmValuesError):
             chart.validate_schema({"sidecars": {"resizer": {"volumeAttributesClass": "yes"}}})
+
+
+SNAPSHOT_METADATA = {"controllerMode": "shared",
+                     "snapshotMetadata": {"enabled": True, "tlsSecretName": "sm-tls", "caCert": "UEVNIGJ1bmRsZQ=="}}
+
+
+def test_snapshot_metadata_sidecar_service_and_advertisement():
+    """KEP-3314's wiring: a backup client finds the SnapshotMetadataService named after the driver, dials its
+    address, which is the Service in front of the sidecar's port in the controller pod, and the sidecar reaches the
+    plugin on its socket with the TLS pair from the named Secret."""
+    docs = _validated(SNAPSHOT_METADATA)
+    ctrl = _controller(docs)
+    side = next(c for c in containers(ctrl) if c["name"] == "csi-snapshot-metadata")
+    checks.check_sidecar_flags(ctrl)
+    args = dict(a.split("=", 1) for a in side["args"])
+    assert args["--csi-address"] == checks.CSI_ADDRESS
+    mounts = {m["mountPath"]: m["name"] for m in side["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(ctrl)["volumes"]}
+    tls_dir = os.path.dirname(args["--tls-cert"])
+    assert os.path.dirname(args["--tls-key"]) == tls_dir and volumes[mounts[tls_dir]]["secret"]["secretName"] == "sm-tls"
+    assert {os.path.basename(args["--tls-cert"]), os.path.basename(args["--tls-key"])} == {"tls.crt", "tls.key"}
+    sms = of_kind(docs, "SnapshotMetadataService")
+    assert len(sms) == 1 and sms[0].obj["metadata"]["name"] == "tessera.csi.dev"
+    spec = sms[0].obj["spec"]
+    assert spec["caCert"] == "UEVNIGJ1bmRsZQ==" and spec["audience"] == "tessera.csi.dev"
+    host, _, port = spec["address"].rpartition(":")
+    name, _, namespace = host.partition(".")
+    svc = next(d for d in of_kind(docs, "Service") if d.obj["metadata"]["name"] == name)
+    assert svc.obj["metadata"]["namespace"] == namespace
+    svc_port = next(p for p in svc.obj["spec"]["ports"] if p["port"] == int(port))
+    labels = pod_spec_labels(ctrl)
+    assert all(labels.get(k) == v for k, v in svc.obj["spec"]["selector"].items())
+    assert any(p.get("name") == svc_port["targetPort"] for p in side.get("ports", []))
+    # the sidecar authenticates clients (TokenReview), authorizes them (SubjectAccessReview) and reads snapshots
+    rules = [r for d in of_kind(docs, "ClusterRole") if d.obj["metadata"]["name"].endswith("snapshot-metadata")
+             for r in d.obj["rules"]]
+    granted = {(g, res) for r in rules for g in r["apiGroups"] for res in r["resources"]}
+    assert {("authentication.k8s.io", "tokenreviews"), ("authorization.k8s.io", "subjectaccessreviews"),
+            ("snapshot.storage.k8s.io", "volumesnapshotcontents"),
+            ("cbt.storage.k8s.io", "snapshotmetadataservices")} <= granted
+
+
+def pod_spec_labels(doc) -> dict:
+    return doc.obj["spec"]["template"]["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"controllerMode": "nodeLocal", "snapshotMetadata": {"enabled": True, "tlsSecretName": "t", "caCert": "QUJD"}},
+     "controllerMode shared"),
+    ({"controllerMode": "shared", "snapshotMetadata": {"enabled": True, "caCert": "QUJD"}}, "tlsSecretName"),
+    ({"controllerMode": "shared", "snapshotMetadata": {"enabled": True, "tlsSecretName": "t"}}, "caCert"),
+], ids=["node-local", "no-tls-secret", "no-ca"])
+def test_snapshot_metadata_refuses_what_cannot_work(values, message):
+    with pytest.raises(Exception) as err:
+        render_chart(values)
+    assert message in str(err.value)
+
+
+def test_snapshot_metadata_off_by_default():
+    docs = render_chart({"controllerMode": "shared"})
+    assert not of_kind(docs, "SnapshotMetadataService")
+    assert all(c["name"] != "csi-snapshot-metadata" for c in containers(_controller(docs)))
 
 
 def test_resources_reach_every_container():
