@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Mapping, Optional, Sequence
 
 from backends.base import Attachment, Backend, CapabilitySpec
+from backends.locking import Operation
 from backends.errors import (AlreadyExists, BackendUnavailable, FailedPrecondition, InvalidArgument, NotFound,
                              TesseraError)
 from backends.util import CommandError, read_json, write_json_atomic
@@ -314,7 +315,7 @@ class NodeOps:
         stagemode.check(capability)  # a multi-node writer mount: INVALID_ARGUMENT before anything is done
         if capability.access_mode not in backend.features().access_modes:
             raise FailedPrecondition(f"access mode {capability.access_mode} is not supported by this volume")
-        with self.locks.hold("volume/" + volume_id):
+        with self.locks.hold("volume/" + volume_id, operation=Operation("NodeStageVolume", volume_id)):
             before = self.record(volume_id)
             if before is not None:
                 if before.staging_path != staging_path:
@@ -430,7 +431,7 @@ class NodeOps:
         if not volume_id:
             raise InvalidArgument("volume ID is required")
         staging_path = self.check_path(staging_path, "staging_target_path")
-        with self.locks.hold("volume/" + volume_id):
+        with self.locks.hold("volume/" + volume_id, operation=Operation("NodeUnstageVolume", volume_id)):
             rec = self.record(volume_id)
             if rec is None:
                 top = mounts.top_mount(staging_path)
@@ -490,7 +491,7 @@ class NodeOps:
         if target_path == staging_path:
             raise InvalidArgument("target_path must differ from staging_target_path")
         backend, local = self._backend(volume_id)
-        with self.locks.hold("volume/" + volume_id):
+        with self.locks.hold("volume/" + volume_id, operation=Operation("NodePublishVolume", volume_id)):
             rec = self.record(volume_id)
             if rec is None:
                 self._check_exists(backend, local, volume_id)
@@ -664,7 +665,7 @@ class NodeOps:
         if not volume_id:
             raise InvalidArgument("volume ID is required")
         target_path = self.check_path(target_path, "target_path")
-        with self.locks.hold("volume/" + volume_id):
+        with self.locks.hold("volume/" + volume_id, operation=Operation("NodeUnpublishVolume", volume_id)):
             rec = self.record(volume_id)
             entry = rec.targets.get(target_path) if rec is not None else None
             if rec is None or entry is None:
@@ -735,7 +736,7 @@ class NodeOps:
         return st.st_dev == rdev
 
     def expand(self, volume_id: str, volume_path: str, staging_path: str = "", required_bytes: int = 0) -> int:
-        with self.locks.hold("volume/" + volume_id):
+        with self.locks.hold("volume/" + volume_id, operation=Operation("NodeExpandVolume", volume_id)):
             rec = self._staged(volume_id, volume_path)
             if not self._path_holds(rec, volume_path):
                 raise NotFound(f"volume {shown(volume_id)} is not mounted at {shown(volume_path)}")
@@ -787,7 +788,8 @@ class NodeOps:
         unmounted or detached here. Returns (and logs) what was repaired."""
         repaired = []
         for rec in self.records():
-            with self.locks.hold("volume/" + rec.volume_id):
+            with self.locks.hold("volume/" + rec.volume_id,
+                                 operation=Operation("node start-up repair", rec.volume_id)):
                 try:
                     note = self._reconcile_one(rec)
                 except Exception:  # noqa: BLE001 - one bad record must not stop the plugin

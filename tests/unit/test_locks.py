@@ -257,3 +257,48 @@ def test_same_name_in_another_backend_is_already_exists(tmp_path):
     assert list(ops.backends._by_name["fast"].list_volumes({})) == [], "no second volume was made"
     again, _ = ops.create_volume("pvc-1", 8 * MIB, 0, CAP, {"backend": "local"}, {})
     assert again == vid
+
+
+# ---- node calls name themselves ---------------------------------------------------------------------------------
+class HeldAttach(FileBackend):
+    """node_attach waits at a gate, then refuses (no device is ever made): a stage held open in the node."""
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    def node_attach(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        assert self.release.wait(30), "test did not release the gate"
+        raise e.FailedPrecondition("held stage ends here")
+
+
+def test_a_node_call_that_meets_another_names_it(tmp_path):
+    from csi.nodeops import NodeOps
+    ops = _ops(tmp_path)
+    vid, vol = ops.create_volume("vol", 8 * MIB, 0, CAP, {}, {})
+    b = ops.backends._by_name["local"]
+    ops.backends._by_name["local"] = HeldAttach("local", b.options, b.runtime)
+    node = NodeOps(ops.backends, 0, [str(tmp_path)], locks=ops.locks)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    failures: list[BaseException] = []
+
+    def stage() -> None:
+        try:
+            node.stage(vid, str(staging), CAP[0], dict(vol.context), {}, {})
+        except BaseException as x:  # the gate's refusal, checked below
+            failures.append(x)
+
+    t = threading.Thread(target=stage)
+    t.start()
+    try:
+        assert HeldAttach.entered.wait(30), failures
+        with pytest.raises(e.Aborted, match=rf"^NodeStageVolume of {vid} is in progress; retry later$"):
+            node.unstage(vid, str(staging))
+        with pytest.raises(e.Aborted, match=rf"^NodeStageVolume of {vid} is in progress"):
+            ops.delete_volume(vid, {})  # the controller in the same process meets it too
+    finally:
+        HeldAttach.release.set()
+        t.join(30)
+    assert len(failures) == 1 and "held stage ends here" in str(failures[0])
+    ops.delete_volume(vid, {})
