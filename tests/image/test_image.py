@@ -80,7 +80,8 @@ def test_file_backend_conformance_against_the_plugin_in_the_image(container: Con
     p, endpoint, log = _serve(container, work, [])
     try:
         r, text = _sanity(p, endpoint, work / "tester", work / "sanity.txt", ["tests/sanity"])
-        summary = text.strip().splitlines()[-1] if text.strip() else ""
+        summary = next((line for line in reversed(text.strip().splitlines())
+                        if re.search(r"\d+ (passed|failed|error)|no tests ran", line)), "")  # pytest's own line
         print(f"conformance suite against the image: {summary}")
         assert r.returncode == 0, f"tests/sanity against the image's plugin failed:\n{text[-8000:]}\n" \
                                   f"--- server log ---\n{log.read_text()[-4000:]}"
