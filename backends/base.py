@@ -439,6 +439,12 @@ class Backend(abc.ABC):
         as it is now."""
         raise Unsupported(f"backend {self.name!r} has no mutable parameters")
 
+    def node_io_limits(self, local_id: str) -> Mapping[str, str]:
+        """On the node: the volume's node-enforced I/O limits in force now (`io_max_*` mutable parameters,
+        backends/io_limits.py), read from the storage itself so a ControllerModifyVolume made after the publish is
+        seen. Empty (the default): nothing to enforce on the node."""
+        return {}
+
     # ---- group snapshots (the GroupController service, csi/group_controller.py over csi/groupops.py) ---------
     def group_local_id_for_name(self, name: str) -> Optional[str]:
         """The local ID a CreateVolumeGroupSnapshot of `name` gives, derived without I/O (for the lock table), or

@@ -21,10 +21,11 @@ from typing import Iterable, Iterator, Mapping, Optional
 from pydantic import Field, field_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
-                   GroupSnapshot, Orphan, RangeStream, SINGLE_NODE_MODES, Snapshot, Usage, Volume, object_uuid)
+                   GroupSnapshot, MutableParameter, Orphan, RangeStream, SINGLE_NODE_MODES, Snapshot, Usage, Volume,
+                   object_uuid)
 from .errors import BackendUnavailable, CapacityExceeded, InUse, InvalidArgument, NotFound, OutOfRange
 from .errors import listing
-from . import file_diff, file_group
+from . import file_diff, file_group, io_limits
 from .filecopy import copy_fd, open_source, remove_temp, staging
 from .range_diff import BLOCK
 from .util import read_json, write_json_atomic
@@ -112,7 +113,30 @@ class FileBackend(Backend):
         src = m.get("source")
         return Volume(local_id=local_id, capacity_bytes=size, name=m["name"], parameters=m.get("parameters", {}),
                       context={"path": img}, source=ContentSource(src["kind"], src["local_id"]) if src else None,
-                      topology=self._topology(), abnormal=abnormal, condition_message=message)
+                      topology=self._topology(), abnormal=abnormal, condition_message=message,
+                      mutable_parameters=dict(m.get("mutable", {})))
+
+    # ---- mutable parameters: node I/O limits (backends/io_limits.py) --------------------------------------
+    def mutable_parameters(self) -> Mapping[str, MutableParameter]:
+        return io_limits.IO_MAX_PARAMETERS
+
+    def modify_volume(self, local_id: str, changes: Mapping[str, str], secrets: Mapping[str, str]) -> Volume:
+        _, meta = self._vol_paths(local_id)
+        try:
+            m = read_json(meta)
+        except FileNotFoundError:
+            raise NotFound(f"volume {self.name}:{local_id} does not exist") from None
+        m["mutable"] = {**m.get("mutable", {}), **changes}
+        write_json_atomic(meta, m)
+        vol = self._load_volume(local_id)
+        assert vol is not None
+        return vol
+
+    def node_io_limits(self, local_id: str) -> Mapping[str, str]:
+        try:
+            return dict(read_json(self._vol_paths(local_id)[1]).get("mutable", {}))
+        except (FileNotFoundError, NotFound, ValueError):
+            return {}
 
     def local_id_for_name(self, kind: str, name: str, parameters: Mapping[str, str]) -> Optional[str]:
         if kind == "volume":

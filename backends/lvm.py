@@ -30,8 +30,9 @@ from typing import Iterable, Iterator, Mapping, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from . import io_limits
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
-                   Orphan, SINGLE_NODE_MODES, Snapshot, Usage, Volume, object_uuid)
+                   MutableParameter, Orphan, SINGLE_NODE_MODES, Snapshot, Usage, Volume, object_uuid)
 from .errors import (BackendUnavailable, CapacityExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TesseraError,
                      Unsupported)
 from .errors import listing
@@ -124,6 +125,7 @@ class LvmBackend(Backend):
             kind, _, sid = f["source"].partition(":")
             src = ContentSource(kind, sid)  # type: ignore[arg-type]
         params = {k[2:]: v for k, v in f.items() if k.startswith("p.")}
+        mutable = {k[2:]: v for k, v in f.items() if k.startswith("m.")}
         abnormal, msg = False, ""
         if f.get("state") == "pending":
             abnormal, msg = True, "creation did not finish; a retried CreateVolume will redo it"
@@ -131,7 +133,7 @@ class LvmBackend(Backend):
             abnormal, msg = True, f"LVM reports the volume unhealthy (lv_attr {lv.attr})"
         return Volume(local_id=lv.name, capacity_bytes=lv.size, name=f.get("name", ""),
                       context={"volumeGroup": self.lvm.vg, "logicalVolume": lv.name}, parameters=params, source=src,
-                      topology=self._topology(), abnormal=abnormal, condition_message=msg)
+                      topology=self._topology(), abnormal=abnormal, condition_message=msg, mutable_parameters=mutable)
 
     def _snapshot(self, lv: LvInfo) -> Snapshot:
         f = lv.fields(NS)
@@ -351,6 +353,25 @@ class LvmBackend(Backend):
         return (self._snapshot(lv) for lv in sorted(self.lvm.list(), key=lambda x: x.name)
                 if lv.name > start_after and lv.name.startswith(SNAPSHOT_PREFIX) and self._mine(lv)
                 and lv.fields(NS).get("kind") == "snapshot")
+
+    # ---- mutable parameters: node I/O limits (backends/io_limits.py), kept as `m.<key>` tags --------------
+    def mutable_parameters(self) -> Mapping[str, MutableParameter]:
+        return io_limits.IO_MAX_PARAMETERS
+
+    def modify_volume(self, local_id: str, changes: Mapping[str, str], secrets: Mapping[str, str]) -> Volume:
+        lv = self._find(local_id, "volume", VOLUME_PREFIX)
+        if lv is None:
+            raise NotFound(f"volume {self.name}:{local_id} does not exist")
+        old = [t for t in lv.tags if any(t.startswith(f"{NS}.m.{k}=") or t.startswith(f"{NS}.m.{k}%")
+                                         for k in changes)]
+        new = fields_to_tags(NS, {f"m.{k}": v for k, v in changes.items()})
+        self.lvm.add_tags(local_id, [t for t in new if t not in lv.tags])
+        self.lvm.del_tags(local_id, [t for t in old if t not in new])
+        return self.get_volume(local_id, secrets)
+
+    def node_io_limits(self, local_id: str) -> Mapping[str, str]:
+        lv = self._find(local_id, "volume", VOLUME_PREFIX)
+        return self._volume(lv).mutable_parameters if lv is not None else {}
 
     # ---- node -------------------------------------------------------------------------------------------
     def node_attach(self, local_id: str, context: Mapping[str, str], publish_context: Mapping[str, str],

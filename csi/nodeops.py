@@ -35,11 +35,11 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from backends.base import Attachment, Backend, CapabilitySpec
 from backends.locking import Operation
-from backends.errors import (AlreadyExists, BackendUnavailable, FailedPrecondition, InvalidArgument, NotFound,
-                             TesseraError)
+from backends.errors import (Aborted, AlreadyExists, BackendUnavailable, FailedPrecondition, InvalidArgument,
+                             NotFound, TesseraError)
 from backends.util import CommandError, read_json, write_json_atomic
 
-from . import constants, filesystems, loopdev, mounts, stagemode
+from . import constants, filesystems, loopdev, mounts, node_io_limits, stagemode
 from .ids import NodeRef, parse_id
 from .locks import KeyedLocks
 from .paths import check_path, shown
@@ -533,6 +533,8 @@ class NodeOps:
                                          f"{', '.join(shown(t, 120) for t in sorted(others)[:3])} with access mode "
                                          f"{single}, which allows one target only")
             self._publish(rec, entry_before, target_path, capability, ro, block, rdev, others)
+            if node_io_limits.enforce(backend, local, rec.targets[target_path], rdev, context):
+                self._save(rec)
 
     def _verified_for_publish(self, rec: StageRecord, backend: Backend, local: str) -> int:
         """The staged device's number, verified now: publish never binds a device it has not just checked."""
@@ -692,6 +694,7 @@ class NodeOps:
                 _unlink_if_created(target_path, entry)
                 if entry.get("replaced_dir"):
                     _put_back_dir(target_path, entry["replaced_dir"])
+            node_io_limits.lift(entry, rdev)
             rec.targets.pop(target_path)
             self._save(rec)
 
@@ -773,13 +776,31 @@ class NodeOps:
                                message=f"device {rec.device} of volume {shown(volume_id)} is gone")
         if not self._path_holds(rec, volume_path):
             raise NotFound(f"volume {shown(volume_id)} is not published or staged at {shown(volume_path)}")
+        note = self._refresh_io_limits(volume_id, volume_path)
         if stat.S_ISBLK(os.stat(volume_path).st_mode):
-            return VolumeStats(block=True, bytes_total=filesystems.device_size(rec.device))
+            return VolumeStats(block=True, bytes_total=filesystems.device_size(rec.device), message=note)
         u = filesystems.usage(volume_path)
         abnormal = not mounts.is_mountpoint(rec.staging_path)
         return VolumeStats(False, u.bytes_total, u.bytes_available, u.bytes_used, u.inodes_total, u.inodes_free,
                            u.inodes_used, abnormal,
-                           f"staging mount {shown(rec.staging_path)} is gone" if abnormal else "")
+                           f"staging mount {shown(rec.staging_path)} is gone" if abnormal else note)
+
+    def _refresh_io_limits(self, volume_id: str, target_path: str) -> str:
+        """Bring a published target's I/O limits up to the volume's current values (node_io_limits.py); returns
+        why they are not enforced, if they are not. Skipped while another call holds the volume."""
+        try:
+            with self.locks.hold("volume/" + volume_id, operation=Operation("NodeGetVolumeStats", volume_id)):
+                rec = self.record(volume_id)
+                entry = rec.targets.get(target_path) if rec is not None else None
+                if rec is None or entry is None:
+                    return ""
+                backend, local = self._backend(volume_id)
+                rdev = self._device_rdev(rec, backend, local)
+                if rdev is not None and node_io_limits.enforce(backend, local, entry, rdev):
+                    self._save(rec)
+                return node_io_limits.problem(entry)
+        except Aborted:
+            return ""
 
     # ---- start-up reconciliation --------------------------------------------------------------------------
     def reconcile(self) -> list[str]:

@@ -11,7 +11,7 @@ import os
 import yaml
 
 from tests.e2e.vg import device_mapper_available, make_loop_vg
-from tests.sanity.profiles import Profile, ProfileSetup, register
+from tests.sanity.profiles import IO_MAX_MUTABLE, Profile, ProfileSetup, register
 
 MIB = 1 << 20
 
@@ -31,6 +31,8 @@ def _setup(thin: bool):
 
 if device_mapper_available():
     register(Profile("lvm-thick", setup=_setup(False), volume_size=64 * MIB,
-                     description="LVM backend, thick LVs in a loop-backed VG (needs device-mapper: e2e guest)"))
+                     description="LVM backend, thick LVs in a loop-backed VG (needs device-mapper: e2e guest)",
+                     mutable_parameters=IO_MAX_MUTABLE))
     register(Profile("lvm-thin", setup=_setup(True), volume_size=64 * MIB,
-                     description="LVM backend, thin LVs in a thin pool of a loop-backed VG (e2e guest)"))
+                     description="LVM backend, thin LVs in a thin pool of a loop-backed VG (e2e guest)",
+                     mutable_parameters=IO_MAX_MUTABLE))

@@ -68,5 +68,9 @@ def register(profile: Profile) -> Profile:
     return profile
 
 
+# node-enforced I/O limits (cgroup io.max) of the node-local backends: file and lvm
+IO_MAX_MUTABLE = ({"io_max_wiops": "100", "io_max_rbps": "10485760"},
+                  {"io_max_wiops": "250", "io_max_rbps": "0"})
+
 register(Profile("file", description="embedded default: the file backend under the server's state directory",
-                 default=True))
+                 default=True, mutable_parameters=IO_MAX_MUTABLE))

@@ -45,10 +45,22 @@ def test_refusals_name_every_fault(wanted, fragments):
 
 
 def test_backend_without_mutable_parameters(tmp_path):
-    b = FileBackend("local", FileOptions(directory=str(tmp_path)), RT)
-    with pytest.raises(InvalidArgument, match="backend 'local' has no mutable parameters"):
+    from backends.iscsi import IscsiBackend, IscsiOptions
+    b = IscsiBackend("san", IscsiOptions(portals=["127.0.0.1:3260"], iqnPrefix="iqn.2026-11.dev.tessera.unit",
+                                         backingStore={"file": {"directory": str(tmp_path / "store")}}),
+                     Runtime("tessera.csi.dev", "n1", str(tmp_path), "t"))
+    with pytest.raises(InvalidArgument, match="backend 'san' has no mutable parameters"):
         mutable.check(b, {"rbd_qos_iops_limit": "1"})
     assert mutable.check(b, {}) == {}
+
+
+def test_node_local_backends_take_io_max_keys_only(tmp_path):
+    b = FileBackend("local", FileOptions(directory=str(tmp_path)), RT)
+    assert mutable.check(b, {"io_max_wiops": "0050", "io_max_rbps": "0"}) == {"io_max_wiops": "50", "io_max_rbps": "0"}
+    with pytest.raises(InvalidArgument) as info:
+        mutable.check(b, {"rbd_qos_iops_limit": "1", "io_max_riops": "-3"})
+    assert "rbd_qos_iops_limit" in str(info.value) and "io_max_riops" in str(info.value)
+    assert "known: io_max_rbps, io_max_riops, io_max_wbps, io_max_wiops" in str(info.value)
 
 
 @pytest.mark.parametrize("node", [
