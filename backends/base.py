@@ -439,10 +439,11 @@ class Backend(abc.ABC):
         as it is now."""
         raise Unsupported(f"backend {self.name!r} has no mutable parameters")
 
-    def node_io_limits(self, local_id: str) -> Mapping[str, str]:
-        """On the node: the volume's node-enforced I/O limits in force now (`io_max_*` mutable parameters,
-        backends/io_limits.py), read from the storage itself so a ControllerModifyVolume made after the publish is
-        seen. Empty (the default): nothing to enforce on the node."""
+    def node_io_limits(self, local_id: str, attachment: Optional["Attachment"] = None) -> Mapping[str, str]:
+        """On the node: the I/O limits the node must enforce for the volume now, as `io_max_*` keys
+        (backends/io_limits.py), read from the storage itself so a ControllerModifyVolume made after the publish is
+        seen. `attachment`: how the volume is attached here (a backend whose client enforces limits itself, like
+        librbd, returns nothing for it). Empty (the default): nothing to enforce on the node."""
         return {}
 
     # ---- group snapshots (the GroupController service, csi/group_controller.py over csi/groupops.py) ---------

@@ -132,7 +132,7 @@ class FileBackend(Backend):
         assert vol is not None
         return vol
 
-    def node_io_limits(self, local_id: str) -> Mapping[str, str]:
+    def node_io_limits(self, local_id: str, attachment: Optional[Attachment] = None) -> Mapping[str, str]:
         try:
             return dict(read_json(self._vol_paths(local_id)[1]).get("mutable", {}))
         except (FileNotFoundError, NotFound, ValueError):

@@ -109,3 +109,19 @@ def current(cgroup: str, rdev: int) -> Optional[str]:
             return next((line.strip() for line in f if line.startswith(mm)), None)
     except OSError:
         return None
+
+
+def from_rbd_qos(values: Mapping[str, str]) -> dict[str, str]:
+    """librbd's QoS keys (backends/rbd_qos.py) as io.max keys, for a krbd-mapped image, which librbd's limits do not
+    reach: a read or write limit as it is; a combined limit (`rbd_qos_iops_limit`, `rbd_qos_bps_limit`) for each
+    direction that has none of its own — io.max has no combined limit, so reads and writes together may reach twice
+    it. Bursts have no io.max counterpart and are not applied."""
+    out: dict[str, str] = {}
+    for unit in ("iops", "bps"):
+        both = values.get(f"rbd_qos_{unit}_limit", "0")
+        for direction, short in (("read", "r"), ("write", "w")):
+            own = values.get(f"rbd_qos_{direction}_{unit}_limit", "0")
+            value = own if own not in ("", "0") else both
+            if value not in ("", "0"):
+                out[f"{PREFIX}{short}{unit}"] = value
+    return out

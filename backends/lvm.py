@@ -369,7 +369,7 @@ class LvmBackend(Backend):
         self.lvm.del_tags(local_id, [t for t in old if t not in new])
         return self.get_volume(local_id, secrets)
 
-    def node_io_limits(self, local_id: str) -> Mapping[str, str]:
+    def node_io_limits(self, local_id: str, attachment: Optional[Attachment] = None) -> Mapping[str, str]:
         lv = self._find(local_id, "volume", VOLUME_PREFIX)
         return self._volume(lv).mutable_parameters if lv is not None else {}
 

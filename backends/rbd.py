@@ -54,6 +54,7 @@ from .errors import (Aborted, AlreadyExists, BackendUnavailable, CapacityExceede
                      Internal, InUse, InvalidArgument, NotFound, OutOfRange, PermissionDenied, TesseraError)
 from .locking import Claim, LockProvider, Operation
 from .rbd_flatten import RETRY, BackgroundJobs
+from . import io_limits
 from .rbd_qos import QOS_PARAMETERS, context_note, from_metadata, metadata_key
 from .rbd_locks import LeaseLocks, RadosLockProvider
 from .errors import listing, shown
@@ -1340,6 +1341,22 @@ class RbdBackend(Backend):
         if mounter in ("krbd", "nbd") and POOL_RE.match(pool) and IMAGE_RE.match(image):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._claim_path(mounter, pool, image))
+
+    def node_io_limits(self, local_id: str, attachment: Optional[Attachment] = None) -> Mapping[str, str]:
+        """krbd reads none of librbd's QoS: for a krbd-mapped image the node enforces the image's `rbd_qos_*`
+        limits with the pod's cgroup io.max (backends/io_limits.py: per direction, no bursts). rbd-nbd and fuse are
+        librbd clients that enforce the limits themselves: nothing for the node."""
+        mounter = (attachment.data.get("mounter") if attachment is not None else "") or self.options.mounter
+        parsed = self._split(local_id, VOL_PREFIX)
+        if mounter != "krbd" or parsed is None or not self._has_own_credentials():
+            return {}  # without its own credentials the node cannot read the image's limits (README)
+        conn = self._conn({})
+        with self._ceph(f"read the QoS of volume {self.name}:{local_id}", conn):
+            img = self._open(conn, *parsed)
+            if img is None:
+                return {}
+            with img:
+                return io_limits.from_rbd_qos(from_metadata(dict(img.metadata_list())))
 
     def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
         # krbd and rbd-nbd watch the image header and resize their device themselves; a loop device over an

@@ -6,9 +6,10 @@ image open (rbd-nbd, rbd-fuse, QEMU) re-reads it when the header changes, so a n
 without a remap. The values live on the image, like every other parameter Tessera keeps, so they survive a
 controller restart and travel with no database.
 
-The kernel client (krbd) reads none of librbd's configuration: a krbd-mapped image is not throttled. The volume
-context says so (`qosEnforcement`), so an operator reading ControllerGetVolume or the PV sees it; applying the limit
-on the node with cgroup v2 `io.max` is not built yet (README: "ControllerModifyVolume").
+The kernel client (krbd) reads none of librbd's configuration: for a krbd-mapped image the node plugin applies the
+limits itself, with cgroup v2 `io.max` on the device in the pod's cgroup (backends/io_limits.py: each direction at
+most its own limit or the combined one, no bursts). The volume context says who enforces (`qosEnforcement`), so an
+operator reading ControllerGetVolume or the PV sees it.
 
 Keys are the librbd option names (0 = no limit, librbd's default): `rbd_qos_{,read_,write_}{iops,bps}_limit`,
 `..._burst` (a bucket above the limit) and `..._burst_seconds` (how long a burst may last, at least 1).
@@ -46,7 +47,8 @@ QOS_PARAMETERS: Mapping[str, MutableParameter] = _table()
 
 ENFORCEMENT_KEY = "qosEnforcement"
 ENFORCEMENT = {
-    "krbd": "none: the kernel rbd client ignores librbd QoS; these limits apply to librbd clients (rbd-nbd, fuse) only",
+    "krbd": "node: the kernel rbd client ignores librbd QoS, so the node limits the device in the pod's cgroup "
+            "(io.max: reads and writes each at most the limit, no bursts)",
     "nbd": "librbd (rbd-nbd applies changes at once)",
     "fuse": "librbd (rbd-fuse applies changes at once)",
 }

@@ -17,7 +17,7 @@ import logging
 from typing import Mapping, Optional
 
 from backends import io_limits
-from backends.base import Backend
+from backends.base import Attachment, Backend
 from backends.io_limits import NotApplied
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,16 @@ def device_of(entry: Mapping, staged_rdev: int) -> int:
     return int(entry.get("view_rdev") or staged_rdev)
 
 
-def enforce(backend: Backend, local_id: str, entry: dict, staged_rdev: int, context: Mapping[str, str] = {},
-            root: str = io_limits.CGROUP_ROOT) -> bool:
+def enforce(backend: Backend, local_id: str, entry: dict, staged_rdev: int, attachment: Optional[Attachment],
+            context: Mapping[str, str] = {}, root: str = io_limits.CGROUP_ROOT) -> bool:
     """Put the volume's current limits in place for the target's pod (the pod from `context` at publish, the one
     recorded after). Returns whether the entry changed (the caller saves the record)."""
     pod = entry.get(POD_KEY) or context.get(io_limits.POD_UID_KEY, "")
-    values = backend.node_io_limits(local_id)
+    try:
+        values = backend.node_io_limits(local_id, attachment)
+    except Exception as e:  # noqa: BLE001 - the storage unreachable now: keep what is in place, say why
+        entry[PROBLEM_KEY] = f"I/O limits not refreshed: {e}"[:500]
+        return True
     limits = io_limits.limits_of(values)
     before = (entry.get(POD_KEY), entry.get(STATE_KEY), entry.get(PROBLEM_KEY))
     if not pod:

@@ -533,7 +533,7 @@ class NodeOps:
                                          f"{', '.join(shown(t, 120) for t in sorted(others)[:3])} with access mode "
                                          f"{single}, which allows one target only")
             self._publish(rec, entry_before, target_path, capability, ro, block, rdev, others)
-            if node_io_limits.enforce(backend, local, rec.targets[target_path], rdev, context):
+            if node_io_limits.enforce(backend, local, rec.targets[target_path], rdev, self._attachment(rec), context):
                 self._save(rec)
 
     def _verified_for_publish(self, rec: StageRecord, backend: Backend, local: str) -> int:
@@ -796,7 +796,7 @@ class NodeOps:
                     return ""
                 backend, local = self._backend(volume_id)
                 rdev = self._device_rdev(rec, backend, local)
-                if rdev is not None and node_io_limits.enforce(backend, local, entry, rdev):
+                if rdev is not None and node_io_limits.enforce(backend, local, entry, rdev, self._attachment(rec)):
                     self._save(rec)
                 return node_io_limits.problem(entry)
         except Aborted:

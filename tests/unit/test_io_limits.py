@@ -54,3 +54,11 @@ def test_write_needs_the_io_controller(tmp_path):
     (tmp_path / "io.max").write_text("")
     io_limits.write(str(tmp_path), os.makedev(7, 3), {"riops": 5})
     assert (tmp_path / "io.max").read_text() == "7:3 riops=5 wiops=max rbps=max wbps=max"
+
+
+def test_rbd_qos_for_krbd_per_direction():
+    assert io_limits.from_rbd_qos({"rbd_qos_iops_limit": "100", "rbd_qos_write_iops_limit": "40",
+                                   "rbd_qos_bps_limit": "0", "rbd_qos_read_bps_limit": "1048576",
+                                   "rbd_qos_iops_burst": "500"}) == \
+        {"io_max_riops": "100", "io_max_wiops": "40", "io_max_rbps": "1048576"}
+    assert io_limits.from_rbd_qos({"rbd_qos_iops_limit": "0"}) == {}

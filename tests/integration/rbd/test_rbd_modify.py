@@ -138,7 +138,7 @@ def test_open_librbd_client_sees_the_new_limit(ops, admin_io):
     ops.delete_volume(vid, {})
 
 
-@pytest.mark.parametrize("mounter,fragment", [("krbd", "none"), ("nbd", "librbd"), ("fuse", "librbd")])
+@pytest.mark.parametrize("mounter,fragment", [("krbd", "node"), ("nbd", "librbd"), ("fuse", "librbd")])
 def test_context_says_who_enforces(make_ops, mounter, fragment):
     ops = make_ops(mounter)
     vid = new_volume(ops)

@@ -13,68 +13,23 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import time
 import uuid
 from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
 from csi._pb import csi_pb2 as pb
+from tests.e2e.inguest import iolimits
+from tests.e2e.inguest.iolimits import POD_UID
 from tests.sanity.harness import MIB, block_cap
 
 if TYPE_CHECKING:
     from conftest import LvmEnv
 
-ROOT = "/sys/fs/cgroup"
-POD_UID = "csi.storage.k8s.io/pod.uid"
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
 @pytest.fixture
 def pod_cgroup() -> Iterator[tuple[str, str]]:
-    """(pod UID, its cgroup directory) in the guest's cgroup v2 hierarchy, removed afterwards."""
-    if not os.path.exists(os.path.join(ROOT, "cgroup.controllers")):
-        subprocess.run(["mount", "-t", "cgroup2", "cgroup2", ROOT], check=True, timeout=30)
-    uid = str(uuid.uuid4())
-    levels = ["kubepods.slice", "kubepods-besteffort.slice", f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"]
-    made, path = [], ROOT
-    for name in levels:
-        _write(os.path.join(path, "cgroup.subtree_control"), "+io")  # io.max appears in the children
-        path = os.path.join(path, name)
-        if not os.path.isdir(path):
-            os.mkdir(path)
-            made.append(path)
-    try:
-        yield uid, path
-    finally:
-        for d in reversed(made):
-            for _ in range(50):
-                try:
-                    os.rmdir(d)
-                    break
-                except OSError:
-                    time.sleep(0.1)  # the dd process leaving the cgroup
-
-
-def _device_line(cgroup: str, device: str) -> str:
-    rdev = os.stat(device).st_rdev
-    mm = f"{os.major(rdev)}:{os.minor(rdev)} "
-    with open(os.path.join(cgroup, "io.max")) as f:
-        return next((line.strip() for line in f if line.startswith(mm)), "")
-
-
-def _write_rate(cgroup: str, target: str, count: int) -> float:
-    """4 KiB O_DIRECT writes per second, by a dd that joins the pod's cgroup first."""
-    script = f'echo $$ > "{cgroup}/cgroup.procs" && exec dd if=/dev/zero of="{target}" bs=4k count={count} ' \
-             'oflag=direct status=none'
-    started = time.monotonic()
-    subprocess.run(["sh", "-c", script], check=True, timeout=120)
-    return count / (time.monotonic() - started)
+    with iolimits.pod_cgroup() as pod:
+        yield pod
 
 
 def _stats(lvm: "LvmEnv", vid: str, target: str) -> pb.NodeGetVolumeStatsResponse:
@@ -104,28 +59,28 @@ def test_write_iops_limit_is_enforced_and_follows_modify(lvm: "LvmEnv", pod_cgro
         volume_capabilities=[block_cap()], mutable_parameters={"io_max_wiops": "50"}))
     device = f"/dev/{vol.volume_context['volumeGroup']}/{vol.volume_context['logicalVolume']}"
     target = _publish_for_pod(lvm, vol, uid)
-    assert re.search(r"\bwiops=50\b", _device_line(cgroup, device)), _device_line(cgroup, device)
-    rate = _write_rate(cgroup, target, 150)
+    assert re.search(r"\bwiops=50\b", iolimits.device_line(cgroup, device)), iolimits.device_line(cgroup, device)
+    rate = iolimits.write_rate(cgroup, target, 150)
     assert 40 <= rate <= 60, f"{rate:.1f} writes/s with a limit of 50"
 
     lvm.client.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
         volume_id=vol.volume_id, mutable_parameters={"io_max_wiops": "100"}), timeout=60)
     _stats(lvm, vol.volume_id, target)  # kubelet's periodic call brings the pod's cgroup up to date
-    assert re.search(r"\bwiops=100\b", _device_line(cgroup, device)), _device_line(cgroup, device)
-    rate = _write_rate(cgroup, target, 300)
+    assert re.search(r"\bwiops=100\b", iolimits.device_line(cgroup, device)), iolimits.device_line(cgroup, device)
+    rate = iolimits.write_rate(cgroup, target, 300)
     assert 80 <= rate <= 120, f"{rate:.1f} writes/s with a limit of 100"
 
     lvm.client.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
         volume_id=vol.volume_id, mutable_parameters={"io_max_wiops": "0"}), timeout=60)
     _stats(lvm, vol.volume_id, target)
-    assert "wiops=100" not in _device_line(cgroup, device), "the limit was not lifted (0 means none)"
+    assert "wiops=100" not in iolimits.device_line(cgroup, device), "the limit was not lifted (0 means none)"
 
     lvm.client.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
         volume_id=vol.volume_id, mutable_parameters={"io_max_wiops": "70"}), timeout=60)
     _stats(lvm, vol.volume_id, target)
-    assert "wiops=70" in _device_line(cgroup, device)
+    assert "wiops=70" in iolimits.device_line(cgroup, device)
     lvm.ledger.unpublish(vol.volume_id, target)
-    assert _device_line(cgroup, device) == "", "the limit outlived the unpublish"
+    assert iolimits.device_line(cgroup, device) == "", "the limit outlived the unpublish"
 
 
 def test_a_publish_without_a_pod_says_the_limit_is_not_enforced(lvm: "LvmEnv") -> None:
