@@ -43,9 +43,14 @@ SUITES: list[Suite] = [
     Suite("sanity-iscsi", ("tests/sanity", "--sanity-profile", "iscsi-lio-thin", "--sanity-profile", "iscsi-lio-file"),
           "the CSI conformance suite against the iSCSI backend (LIO on thin LVs and on files, open-iscsi initiator)",
           timeout=2400, expected=900),
-    Suite("sanity-rbd-kernel", ("tests/sanity", "--sanity-profile", "rbd-krbd", "--sanity-profile", "rbd-nbd"),
+    # The SnapshotMetadata tests (controller only: librbd's diff_iterate, nothing of the kernel mounters) are left to
+    # the host's rbd profile: under UML, the plugin's librbd aborted in about half of the runs right after a diff
+    # ("The futex facility returned an unexpected error code", "std::system_error: Owner died"), never on the host's
+    # real kernel (tests/sanity/test_sanity_snapshot_metadata.py --sanity-profile rbd, repeated clean).
+    Suite("sanity-rbd-kernel", ("tests/sanity", "--sanity-profile", "rbd-krbd", "--sanity-profile", "rbd-nbd",
+                                "--ignore=tests/sanity/test_sanity_snapshot_metadata.py"),
           "the CSI conformance suite against the RBD backend with the kernel mounters (krbd, rbd-nbd) on a Ceph "
-          "cluster started inside the guest", timeout=2400, expected=500),
+          "cluster started inside the guest (SnapshotMetadata: on the host)", timeout=2400, expected=500),
     Suite("data-safety", ("tests/e2e/inguest/safety",),
           "two node plugins in one guest: reader-only RBD (krbd) and iSCSI volumes never written, a second RBD "
           "writer refused, a multi-writer block volume written by both, thick LVM blank after delete, and a simulated "
