@@ -31,6 +31,7 @@ import rbd  # noqa: E402
 import yaml  # noqa: E402
 
 from backends.rbd import FEATURE_NAMES, _feature_bits  # noqa: E402
+from bench.measure import load, rss_mib  # noqa: E402
 from csi._pb import csi_pb2 as pb  # noqa: E402
 from tests.ceph.cluster import Cluster, bootstrap, start  # noqa: E402
 from tests.sanity.harness import Client, ServerProcess, mount_cap  # noqa: E402
@@ -52,17 +53,8 @@ def create_req(name: str) -> pb.CreateVolumeRequest:
                                   volume_capabilities=[mount_cap("ext4")], parameters={"backend": "ceph"})
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process (VmRSS), in MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
-def load() -> str:
-    return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
 def main() -> int:

@@ -40,6 +40,7 @@ sys.path.insert(0, REPO)
 
 import yaml  # noqa: E402
 
+from bench.measure import load, rss_mib  # noqa: E402
 from csi._pb import csi_pb2 as pb  # noqa: E402
 from tests.sanity.harness import Client, ServerProcess, mount_cap  # noqa: E402
 
@@ -47,16 +48,8 @@ SIZE = 1 << 30
 PAGE = 100
 
 
-def load() -> str:
-    return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def create_req(name: str, backend: str) -> pb.CreateVolumeRequest:
