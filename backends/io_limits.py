@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import Mapping, Optional
+from typing import Mapping
 
 from .base import MutableParameter, non_negative_int
 
@@ -99,16 +99,6 @@ def write(cgroup: str, rdev: int, limits: Mapping[str, int]) -> None:
         raise
     finally:
         os.close(fd)
-
-
-def current(cgroup: str, rdev: int) -> Optional[str]:
-    """The cgroup's io.max line for the device, or None (no line: no limit)."""
-    mm = f"{os.major(rdev)}:{os.minor(rdev)} "
-    try:
-        with open(os.path.join(cgroup, "io.max")) as f:
-            return next((line.strip() for line in f if line.startswith(mm)), None)
-    except OSError:
-        return None
 
 
 def from_rbd_qos(values: Mapping[str, str]) -> dict[str, str]:

@@ -362,8 +362,7 @@ class LvmBackend(Backend):
         lv = self._find(local_id, "volume", VOLUME_PREFIX)
         if lv is None:
             raise NotFound(f"volume {self.name}:{local_id} does not exist")
-        old = [t for t in lv.tags if any(t.startswith(f"{NS}.m.{k}=") or t.startswith(f"{NS}.m.{k}%")
-                                         for k in changes)]
+        old = [t for t in lv.tags if any(t.startswith(f"{NS}.m.{k}=") for k in changes)]
         new = fields_to_tags(NS, {f"m.{k}": v for k, v in changes.items()})
         self.lvm.add_tags(local_id, [t for t in new if t not in lv.tags])
         self.lvm.del_tags(local_id, [t for t in old if t not in new])

@@ -33,41 +33,43 @@ def device_of(entry: Mapping, staged_rdev: int) -> int:
     return int(entry.get("view_rdev") or staged_rdev)
 
 
+def _state(entry: Mapping) -> tuple:
+    return entry.get(POD_KEY), entry.get(STATE_KEY), entry.get(PROBLEM_KEY)
+
+
 def enforce(backend: Backend, local_id: str, entry: dict, staged_rdev: int, attachment: Optional[Attachment],
             context: Mapping[str, str] = {}, root: str = io_limits.CGROUP_ROOT) -> bool:
     """Put the volume's current limits in place for the target's pod (the pod from `context` at publish, the one
     recorded after). Returns whether the entry changed (the caller saves the record)."""
+    before = _state(entry)
     pod = entry.get(POD_KEY) or context.get(io_limits.POD_UID_KEY, "")
     try:
-        values = backend.node_io_limits(local_id, attachment)
+        limits = io_limits.limits_of(backend.node_io_limits(local_id, attachment))
     except Exception as e:  # noqa: BLE001 - the storage unreachable now: keep what is in place, say why
         entry[PROBLEM_KEY] = f"I/O limits not refreshed: {e}"[:500]
         return True
-    limits = io_limits.limits_of(values)
-    before = (entry.get(POD_KEY), entry.get(STATE_KEY), entry.get(PROBLEM_KEY))
     if not pod:
         if limits:
             entry[PROBLEM_KEY] = ("I/O limits are set but not enforced: the publish named no pod "
                                   "(the CSIDriver needs podInfoOnMount: true)")
         else:
             entry.pop(PROBLEM_KEY, None)
-        return before != (entry.get(POD_KEY), entry.get(STATE_KEY), entry.get(PROBLEM_KEY))
+        return before != _state(entry)
     entry[POD_KEY] = pod
     rdev = device_of(entry, staged_rdev)
-    if not limits and not entry.get(STATE_KEY):
-        entry.pop(PROBLEM_KEY, None)  # never limited, nothing to lift
-        return before != (entry.get(POD_KEY), entry.get(STATE_KEY), entry.get(PROBLEM_KEY))
+    line = io_limits.io_max_line(rdev, limits) if limits else ""
+    if line == entry.get(STATE_KEY, "") and PROBLEM_KEY not in entry:
+        return before != _state(entry)  # in place already (or never limited): no cgroup walk, no write
     try:
-        cgroup = io_limits.pod_cgroup(pod, root)
-        io_limits.write(cgroup, rdev, limits)
-        entry[STATE_KEY] = io_limits.io_max_line(rdev, limits) if limits else ""
+        io_limits.write(io_limits.pod_cgroup(pod, root), rdev, limits)
+        entry[STATE_KEY] = line
         entry.pop(PROBLEM_KEY, None)
     except (NotApplied, OSError) as e:
         reason = f"I/O limits not enforced: {e}"
         if entry.get(PROBLEM_KEY) != reason:
             log.warning("volume %s: %s", local_id, reason)
         entry[PROBLEM_KEY] = reason
-    return before != (entry.get(POD_KEY), entry.get(STATE_KEY), entry.get(PROBLEM_KEY))
+    return before != _state(entry)
 
 
 def lift(entry: Mapping, staged_rdev: Optional[int], root: str = io_limits.CGROUP_ROOT) -> None:
