@@ -134,9 +134,10 @@ class FileBackend(Backend):
 
     def node_io_limits(self, local_id: str, attachment: Optional[Attachment] = None) -> Mapping[str, str]:
         try:
-            return dict(read_json(self._vol_paths(local_id)[1]).get("mutable", {}))
-        except (FileNotFoundError, NotFound, ValueError):
+            vol = self._load_volume(local_id)
+        except (NotFound, ValueError):
             return {}
+        return vol.mutable_parameters if vol is not None else {}
 
     def local_id_for_name(self, kind: str, name: str, parameters: Mapping[str, str]) -> Optional[str]:
         if kind == "volume":
