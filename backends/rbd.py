@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 VOL_PREFIX = "tessera-vol-"
 SNAP_PREFIX = "tessera-snap-"
+# How long NodeStage waits for the watchers of an image to go before it calls them a writer elsewhere (seconds).
+WATCHER_PATIENCE = 5.0
 META = "tessera."
 FEATURE_NAMES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten")
 FEATURE_NEEDS = {"object-map": "exclusive-lock", "fast-diff": "object-map"}
@@ -696,8 +698,51 @@ class RbdBackend(Backend):
                                      f"`ceph osd get-require-min-compat-client` (clone v2 needs mimic: "
                                      f"`{CLONE_V2_FIX}`) and that rbd_default_clone_format is not forced") from None
         if fmt == 2:
-            with rbd.Image(pio, parent) as p:
-                p.remove_snap(child)
+            self._drop_clone_helper(pio, parent, child, what)
+
+    @staticmethod
+    def _drop_clone_helper(pio: Any, parent: str, snap: str, what: str, attempts: int = 40) -> None:
+        """Remove the clone-v2 helper snapshot `snap` from `parent` and confirm it is gone from a fresh read of
+        the header, removing again until it is.
+
+        Why not trust remove_snap: with exclusive-lock and fast-diff, librbd hands the removal to whichever client
+        owns the parent's lock, and treats that owner's "no such snapshot" as success. An owner whose view of the
+        header predates the snapshot (another replica that took the lock before the header-update notice reached
+        it) answers exactly that, and the snapshot stays: seen in the two-replica race test as a user snapshot
+        left on a clone source although every create answered OK. A fresh read-only open reads the header itself."""
+        import rbd
+        for attempt in range(attempts):
+            with rbd.Image(pio, parent) as p, contextlib.suppress(rbd.ImageNotFound):
+                p.remove_snap(snap)
+            with rbd.Image(pio, parent, read_only=True) as p:
+                if snap not in _user_snaps(p):
+                    if attempt:
+                        log.warning("%s: the helper snapshot %s on %s needed %d removals (the lock owner's view "
+                                    "was stale)", what, snap, parent, attempt + 1)
+                    return
+            time.sleep(min(0.05 * (attempt + 1), 0.5))
+        # The clone itself is complete; the leftover only pins the parent's space until the parent's next
+        # expand or delete sweeps it (`_sweep_helpers`).
+        log.error("%s: the helper snapshot %s is still on %s after %d removals; the next expand or delete of %s "
+                  "removes it", what, snap, parent, attempts, parent)
+
+    @staticmethod
+    def _sweep_helpers(img: Any, what: str) -> None:
+        """Drop clone-helper snapshots (named after a child image) left on `img` by a clone whose removal did not
+        take or whose process died half-way. Only under an exclusive claim on the image: a clone in flight holds
+        a shared one, so every unprotected helper here is a leftover (clone v1 children hang from protected ones,
+        which stay)."""
+        import rbd
+        for snap in _user_snaps(img):
+            if not snap.startswith((VOL_PREFIX, SNAP_PREFIX)):
+                continue  # an operator's own snapshot
+            try:
+                if img.is_protected_snap(snap):
+                    continue
+                img.remove_snap(snap)
+                log.warning("%s: removed the leftover clone-helper snapshot %s", what, snap)
+            except rbd.ImageNotFound:
+                pass
 
     def _depth(self, conn: _Conn, img: Any) -> int:
         """How many parents the image has (parents are opened by id: a deleted one waits in the trash)."""
@@ -1138,6 +1183,7 @@ class RbdBackend(Backend):
                 if size < size_bytes:
                     img.resize(size_bytes)
                     size = size_bytes
+                self._sweep_helpers(img, f"{self.name}:{local_id}")
         return size, True
 
     # ---- mutable parameters: QoS (backends/rbd_qos.py) -----------------------------------------------------
@@ -1457,8 +1503,7 @@ class RbdBackend(Backend):
         write_json_atomic(path, {"device": dev})
         return dev
 
-    def _check_no_writer(self, pool: str, image: str, secrets: Mapping[str, str]) -> None:
-        """FailedPrecondition naming the watchers when anything holds the image open read-write."""
+    def _watchers(self, pool: str, image: str, secrets: Mapping[str, str]) -> list[dict[str, Any]]:
         try:
             out = run(["rbd", "status", "--format", "json", "--pool", pool, "--image", image,
                        *self._node_client_args(secrets)], timeout=self.options.opTimeout + 30).stdout
@@ -1467,14 +1512,30 @@ class RbdBackend(Backend):
                 raise NotFound(f"rbd image {pool}/{image} does not exist") from None
             raise BackendUnavailable(f"cannot ask Ceph who uses {pool}/{image}: {e}") from None
         try:
-            watchers = json.loads(out or "{}").get("watchers", [])
+            return list(json.loads(out or "{}").get("watchers", []))
         except ValueError:
-            watchers = []
-        if watchers:
-            who = ", ".join(f"client.{w.get('client', '?')} at {w.get('address', '?')}" for w in watchers)
-            raise FailedPrecondition(f"rbd image {pool}/{image} is held read-write by {who} (another node's "
-                                     "mapping); unstage it there first, or use a reader-only or raw block "
-                                     "multi-writer access mode")
+            return []
+
+    def _check_no_writer(self, pool: str, image: str, secrets: Mapping[str, str],
+                         patience: float = WATCHER_PATIENCE) -> None:
+        """FailedPrecondition naming the watchers when anything keeps the image open read-write.
+
+        A watcher seen once is not yet a writer: librbd opens a clone's parent read-write for a moment whenever
+        it detaches a child (a controller flattening or deleting a snapshot of this volume), and such a watch is
+        gone within a second. A mapping on another node stays; so the check asks again until the watchers are
+        gone or `patience` seconds have passed."""
+        deadline = time.monotonic() + patience
+        while True:
+            watchers = self._watchers(pool, image, secrets)
+            if not watchers:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.25)
+        who = ", ".join(f"client.{w.get('client', '?')} at {w.get('address', '?')}" for w in watchers)
+        raise FailedPrecondition(f"rbd image {pool}/{image} has been held open read-write by {who} for "
+                                 f"{patience:.0f}s (a mapping on another node, or a client outside the CO); unstage "
+                                 "it there first, or use a reader-only or raw block multi-writer access mode")
 
     @staticmethod
     def _mapped(argv: list[str], pool: str, image: str) -> list[str]:

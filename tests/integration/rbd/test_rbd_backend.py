@@ -199,6 +199,25 @@ def test_expand(backend: RbdBackend, admin_io):
     backend.delete_volume(vol.local_id, {})
 
 
+def test_expand_sweeps_leftover_clone_helpers_only(backend: RbdBackend, admin_io):
+    """A clone-helper snapshot left on a volume (a clone whose process died between making it and removing it) is
+    removed by the volume's next expand, which holds the volume exclusively; an operator's own snapshot and a
+    protected one (what a clone v1 child hangs from) stay."""
+    vol = backend.create_volume(spec(uniq("pvc")))
+    image = image_name(vol.local_id)
+    leftover, protected = "tessera-vol-" + str(uuid.uuid4()), "tessera-snap-" + str(uuid.uuid4())
+    with rbd.Image(admin_io, image) as img:
+        for s in (leftover, protected, "operator-backup"):
+            img.create_snap(s)
+        img.protect_snap(protected)
+    backend.expand_volume(vol.local_id, 256 * MIB, {})
+    with rbd.Image(admin_io, image) as img:
+        assert sorted(s["name"] for s in img.list_snaps()) == sorted([protected, "operator-backup"])
+        img.unprotect_snap(protected)
+    backend.delete_volume(vol.local_id, {})
+    assert image not in rbd.RBD().list(admin_io)
+
+
 def test_listing_with_paging(ceph_cluster, state_dir):
     cfg = parse_config({"stateDir": state_dir, "backends": {"ceph": {
         "type": "rbd", "monitors": [ceph_cluster.monitors], "user": ceph_cluster.csi_user,

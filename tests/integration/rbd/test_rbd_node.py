@@ -139,6 +139,29 @@ def test_second_writer_refused_naming_the_holder(ceph_cluster, backend: RbdBacke
     backend.delete_volume(vol.local_id, {})
 
 
+def test_a_passing_read_write_open_is_not_a_writer(backend: RbdBackend, admin_io):
+    """A client that opens the image read-write for a moment (what librbd does to a clone's parent when a controller
+    flattens or deletes a snapshot of it) is not a second writer: the attach waits it out and succeeds."""
+    import threading
+    vol = _vol(backend)
+    opened, done = threading.Event(), threading.Event()
+
+    def passing_open() -> None:
+        with rbd.Image(admin_io, vol.context["image"]):  # read-write: a watch on the header
+            opened.set()
+            done.wait(1.5)
+    t = threading.Thread(target=passing_open)
+    t.start()
+    try:
+        assert opened.wait(10)
+        att = backend.node_attach(vol.local_id, vol.context, {}, {})  # FAILED_PRECONDITION without the wait
+        backend.node_detach(vol.local_id, att)
+    finally:
+        done.set()
+        t.join()
+    backend.delete_volume(vol.local_id, {})
+
+
 @pytest.mark.parametrize("field,value", [("pool", "other-pool"), ("pool", "-x"), ("image", "--help"),
                                          ("image", "a/b"), ("mounter", "sh")])
 def test_static_context_checked_before_use(backend: RbdBackend, field: str, value: str):
