@@ -142,7 +142,8 @@ def test_two_replicas_racing_on_shared_names_and_volumes(ceph_cluster, tmp_path,
     """64 callers split between two controller processes race creates, clones, restores, snapshots, deletes and
     expands on shared names and volumes: one volume per name, no INTERNAL/UNKNOWN, nothing lost, nothing orphaned."""
     tag = os.urandom(3).hex()
-    cfg = _config(tmp_path / "config.yaml", ceph_cluster)
+    # librbd's own log per replica ($pid: ceph's metavariable): its errors say what a lock owner answered
+    cfg = _config(tmp_path / "config.yaml", ceph_cluster, logFile=str(tmp_path / "librbd.$pid.log"))
     replicas = [_replica(tmp_path, f"ctrl-{i}", cfg) for i in range(2)]
     clients = [Client(r.endpoint, timeout=60) for r in replicas]
     try:
@@ -224,6 +225,13 @@ def test_two_replicas_racing_on_shared_names_and_volumes(ceph_cluster, tmp_path,
         pids = {r.proc.pid for r in replicas}
         across = [d for _, _, code, d in answers if code == ABORTED and any(f"pid {p})" in d for p in pids)]
         print(f"answers: {dict(codes)}; ABORTED naming a replica's process: {len(across)}")
+        # What a failure below needs to be understood, printed either way (the CI keeps only the output): helper
+        # snapshot removals that took more than one go, and librbd lock owners that answered "no such snapshot".
+        helper_retries = sum(open(r.log_path, errors="replace").read().count("removals (the lock owner")
+                             for r in replicas)
+        stale = sum(p.read_text(errors="replace").count("No such snapshot found")
+                    for p in tmp_path.glob("librbd.*.log"))
+        print(f"helper snapshot removals retried: {helper_retries}; librbd 'No such snapshot found': {stale}")
         assert across, f"no caller met an operation of the other replica: {dict(codes)}"
         # one volume per name: every OK answer for a name carried the same ID (snapshots likewise)
         for key, seen in ids.items():
