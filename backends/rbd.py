@@ -128,11 +128,15 @@ class RbdOptions(BackendOptions):
         return self
 
 
+# librbd's image feature bits (include/rbd/features.h; a unit test checks them against the rbd module). Kept here so
+# validating a config or a StorageClass does not load librbd: a controller that has served no RBD request yet
+# stays ~13 MiB smaller.
+FEATURE_BITS = {"layering": 1 << 0, "exclusive-lock": 1 << 2, "object-map": 1 << 3, "fast-diff": 1 << 4,
+                "deep-flatten": 1 << 5}
+
+
 def _feature_bits(names: Iterable[str], exc: type[Exception] = InvalidArgument) -> int:
-    import rbd
-    bits = {"layering": rbd.RBD_FEATURE_LAYERING, "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
-            "object-map": rbd.RBD_FEATURE_OBJECT_MAP, "fast-diff": rbd.RBD_FEATURE_FAST_DIFF,
-            "deep-flatten": rbd.RBD_FEATURE_DEEP_FLATTEN}
+    bits = FEATURE_BITS
     names = [n.strip() for n in names if n.strip()]
     value = 0
     for n in names:

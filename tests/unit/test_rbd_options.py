@@ -66,3 +66,25 @@ def test_local_ids():
     assert RbdBackend._split("kube.tessera-vol-1234", "tessera-vol-") == ("kube", "tessera-vol-1234")
     assert RbdBackend._split("kube.tessera-snap-1", "tessera-vol-") is None
     assert RbdBackend._split("tessera-vol-1", "tessera-vol-") is None
+
+
+def test_feature_bits_are_librbds():
+    """The backend keeps librbd's feature bits as constants (so checking a config does not load librbd); they must
+    be the library's own values, or images would be created with other features than asked."""
+    import rbd
+
+    from backends.rbd import FEATURE_BITS
+    assert FEATURE_BITS == {"layering": rbd.RBD_FEATURE_LAYERING, "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
+                            "object-map": rbd.RBD_FEATURE_OBJECT_MAP, "fast-diff": rbd.RBD_FEATURE_FAST_DIFF,
+                            "deep-flatten": rbd.RBD_FEATURE_DEEP_FLATTEN}
+
+
+def test_checking_a_config_does_not_load_librbd():
+    """A controller that has served no RBD request holds no librbd in memory (~13 MiB of resident pages)."""
+    import subprocess
+    import sys
+    code = ("import sys; from backends.rbd import RbdOptions, _feature_bits; "
+            "RbdOptions(monitors=['m'], pool='kube', imageFeatures=['layering', 'exclusive-lock']); "
+            "_feature_bits(['layering']); print('rbd' in sys.modules, 'rados' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
