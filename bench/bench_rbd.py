@@ -76,6 +76,8 @@ def main() -> int:
                                                "keyringPath": c.csi_keyring, "pool": c.pool}}}, f)
     server = ServerProcess(os.path.join(work, "server"), config=cfg, node_id="bench-node").start()
     client = Client(server.endpoint)
+    assert server.proc is not None
+    at_start = rss_mib(server.proc.pid)  # before any RBD call: no librbd loaded yet
     r = c.rados(user=c.csi_user)
     io = r.open_ioctx(c.pool)
     features = _feature_bits(FEATURE_NAMES)
@@ -88,7 +90,7 @@ def main() -> int:
             rbd.RBD().remove(io, f"raw-warm-{i}")
 
         assert server.proc is not None
-        rss = {"idle, after warm-up": rss_mib(server.proc.pid)}
+        rss = {"at start": at_start, "idle, after warm-up": rss_mib(server.proc.pid)}
         floor = []
         for _ in range(100):
             s = time.perf_counter()
