@@ -53,10 +53,6 @@ def create_req(name: str) -> pb.CreateVolumeRequest:
                                   volume_capabilities=[mount_cap("ext4")], parameters={"backend": "ceph"})
 
 
-
-
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iterations", type=int, default=100)
@@ -89,7 +85,6 @@ def main() -> int:
             rbd.RBD().create(io, f"raw-warm-{i}", SIZE, features=features)
             rbd.RBD().remove(io, f"raw-warm-{i}")
 
-        assert server.proc is not None
         rss = {"at start": at_start, "idle, after warm-up": rss_mib(server.proc.pid)}
         floor = []
         for _ in range(100):

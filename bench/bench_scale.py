@@ -48,10 +48,6 @@ SIZE = 1 << 30
 PAGE = 100
 
 
-
-
-
-
 def create_req(name: str, backend: str) -> pb.CreateVolumeRequest:
     return pb.CreateVolumeRequest(name=name, capacity_range=pb.CapacityRange(required_bytes=SIZE),
                                   volume_capabilities=[mount_cap("ext4")], parameters={"backend": backend})
