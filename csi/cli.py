@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import socket
 import sys
@@ -20,6 +21,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import EndpointError, build, serve_forever
     from .logfmt import configure
     configure(args.log_format, args.log_level)
+    # A native library (librbd, librados) that aborts or faults takes the process with it; the Python stacks of
+    # every thread on stderr (the pod log) tell which RPC was inside it when that happened.
+    faulthandler.enable(all_threads=True)
     try:
         config = load_config(args.config, args.state_dir)
     except ConfigError as e:

@@ -11,6 +11,9 @@ class JunitSummary:
     failures: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    # The whole text of one problem, so a failure inside the guest explains itself in the host's output: the one
+    # that says the plugin process died (it carries the plugin's last log lines), else the first.
+    detail: str = ""
 
     @property
     def passed(self) -> int:
@@ -32,4 +35,8 @@ def read_junit(path: str) -> JunitSummary:
             if el is not None:
                 msg = (el.get("message") or el.text or "").strip().splitlines()
                 bucket.append(f"{name}: {msg[0][:300] if msg else tag}")
+                if tag != "skipped":
+                    full = "\n".join(x for x in (el.get("message"), el.text) if x).strip()
+                    if not out.detail or ("process died" in full and "process died" not in out.detail):
+                        out.detail = f"{name}:\n{full[-6000:]}"
     return out

@@ -167,6 +167,8 @@ def test_in_guest_suite(stage: Stage, suite: Suite) -> None:
     msg += [f"  MISSING {m}" for m in missing[:20]]
     if entry.get("error"):
         msg.append(f"  {entry['error']}")
+    if summary.detail:
+        msg.append("  first problem in full: " + summary.detail.replace("\n", "\n    "))
     print(msg[0])
     assert summary.tests > 0, "\n".join(msg + ["  no tests ran"])
     assert entry["rc"] == 0 and not problems, "\n".join(msg + [f"  {where}"])

@@ -253,7 +253,8 @@ def ledger(plugin: Plugin):
     yield led
     problems = led.cleanup()
     if plugin.server is not None and not plugin.server.alive():
-        pytest.fail(f"the plugin process died during this test:\n{plugin.server.log_tail()}")
+        pytest.fail(f"the plugin process died during this test (exit {plugin.server.proc.returncode}):\n"
+                    f"{plugin.server.log_tail(120)}")
     if problems:
         pytest.fail("cleanup failed: " + "; ".join(problems))
 

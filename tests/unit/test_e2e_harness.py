@@ -31,6 +31,20 @@ def test_read_junit_counts_and_messages(tmp_path) -> None:
     assert s.failures == ["a::bad: assert 1 == 2"] and s.errors == ["a::boom: fixture died"]
     assert s.skipped == ["a::skip: MISSING: dm"]
     assert s.line() == "4 tests: 1 passed, 1 failed, 1 errors, 1 skipped"
+    assert s.detail == "a::bad:\nassert 1 == 2\ntrace"
+
+
+def test_read_junit_detail_prefers_the_dead_plugin(tmp_path) -> None:
+    """A crash of the plugin fails many tests; the host must show the one carrying the plugin's last log lines."""
+    path = tmp_path / "j.xml"
+    path.write_text("""<testsuites><testsuite name="x">
+      <testcase classname="a" name="first"><failure message="UNAVAILABLE">grpc trace</failure></testcase>
+      <testcase classname="a" name="second"><error message="the plugin process died during this test:">
+    line one
+    terminate called: ceph_assert</error></testcase>
+    </testsuite></testsuites>""")
+    s = read_junit(str(path))
+    assert s.detail.startswith("a::second:\nthe plugin process died") and "ceph_assert" in s.detail
 
 
 def test_suite_registry_selection(monkeypatch) -> None:
