@@ -678,7 +678,12 @@ class RbdBackend(Backend):
         """Clone `parent` (its current content) into `child` through an RBD snapshot named after the child. With
         clone v2 the snapshot is removed at once (v2 keeps it in the trash namespace while the child needs it);
         with v1 it is protected and stays until the child is flattened or deleted (`_release_v1`). The caller
-        holds a shared claim on the parent, so no delete of it removes that snapshot meanwhile."""
+        holds a shared claim on the parent, so no delete of it removes that snapshot meanwhile.
+
+        One handle on the parent serves the whole clone: every open and close of an image costs a header read, a
+        watch and lock hand-overs, and pacific's librbd has been seen to abort the process (an uncaught
+        std::system_error in a librados completion thread) when handles of one image open and close in quick
+        succession."""
         import rbd
         fmt = self._clone_format(conn)
         pio = conn.ioctx(parent_pool)
@@ -687,24 +692,24 @@ class RbdBackend(Backend):
                 p.create_snap(child)
             if fmt == 1 and not p.is_protected_snap(child):
                 p.protect_snap(child)
-        cconn = conn if fmt == 2 else self._conn(secrets, clone_format=1)
-        try:
-            rbd.RBD().clone(cconn.ioctx(parent_pool), parent, child, cconn.ioctx(pool), child, features=features,
-                            data_pool=data_pool, stripe_unit=stripe[0], stripe_count=stripe[1])
-        except rbd.InvalidArgument:
-            with rbd.Image(pio, parent) as p, contextlib.suppress(rbd.ImageNotFound):
+            cconn = conn if fmt == 2 else self._conn(secrets, clone_format=1)
+            try:
+                rbd.RBD().clone(cconn.ioctx(parent_pool), parent, child, cconn.ioctx(pool), child,
+                                features=features, data_pool=data_pool, stripe_unit=stripe[0],
+                                stripe_count=stripe[1])
+            except rbd.InvalidArgument:
                 self._drop_snap(p, child)
-            conn.clone_v2 = None  # ask the cluster again next time
-            raise FailedPrecondition(f"{what}: ceph refused the clone (EINVAL, clone format v{fmt}); check "
-                                     f"`ceph osd get-require-min-compat-client` (clone v2 needs mimic: "
-                                     f"`{CLONE_V2_FIX}`) and that rbd_default_clone_format is not forced") from None
-        if fmt == 2:
-            self._drop_clone_helper(pio, parent, child, what)
+                conn.clone_v2 = None  # ask the cluster again next time
+                raise FailedPrecondition(f"{what}: ceph refused the clone (EINVAL, clone format v{fmt}); check "
+                                         f"`ceph osd get-require-min-compat-client` (clone v2 needs mimic: "
+                                         f"`{CLONE_V2_FIX}`) and that rbd_default_clone_format is not forced") from None
+            if fmt == 2:
+                self._drop_clone_helper(pio, p, child, what)
 
     @staticmethod
-    def _drop_clone_helper(pio: Any, parent: str, snap: str, what: str, attempts: int = 5) -> None:
-        """Remove the clone-v2 helper snapshot `snap` from `parent` and confirm it is gone from a fresh read of
-        the header, removing again a few times if it is not.
+    def _drop_clone_helper(pio: Any, p: Any, snap: str, what: str, attempts: int = 5) -> None:
+        """Remove the clone-v2 helper snapshot `snap` from the open parent `p` and confirm from the header object
+        itself that it is gone, removing again a few times if it is not.
 
         Why not trust remove_snap: with exclusive-lock and fast-diff, librbd hands the removal to whichever
         librbd client owns the parent's lock, and treats that owner's "no such snapshot" as success. An owner
@@ -713,21 +718,22 @@ class RbdBackend(Backend):
         a retry a little later reaches a fresh owner. A long-lived owner (rbd-nbd or rbd-fuse mapping the volume,
         with no I/O since) stays stale: then the helper is left, with a warning, for the volume's next expand or
         delete to sweep (`_sweep_helpers`). Retrying longer would only delay the create (seen: 40 tries put
-        clones of rbd-nbd-mapped volumes past the CO's deadline in the guest)."""
+        clones of rbd-nbd-mapped volumes past the CO's deadline in the guest). The check reads the header with
+        two object-class calls rather than opening a second image handle (see `_clone`)."""
         import rbd
+        header = f"rbd_header.{p.id()}"
         for attempt in range(attempts):
-            with rbd.Image(pio, parent) as p, contextlib.suppress(rbd.ImageNotFound):
+            with contextlib.suppress(rbd.ImageNotFound):
                 p.remove_snap(snap)
-            with rbd.Image(pio, parent, read_only=True) as p:
-                if snap not in _user_snaps(p):
-                    if attempt:
-                        log.warning("%s: the helper snapshot %s on %s needed %d removals (the lock owner's view "
-                                    "was stale)", what, snap, parent, attempt + 1)
-                    return
+            if snap not in _header_snap_names(pio, header):
+                if attempt:
+                    log.warning("%s: the helper snapshot %s on %s needed %d removals (the lock owner's view "
+                                "was stale)", what, snap, p.get_name(), attempt + 1)
+                return
             time.sleep(0.05 * (attempt + 1))
         log.warning("%s: the helper snapshot %s is still on %s after %d removals (its lock owner, e.g. an rbd-nbd "
                     "or rbd-fuse mapping, answers from a stale view); the volume's next expand or delete removes "
-                    "it", what, snap, parent, attempts)
+                    "it", what, snap, p.get_name(), attempts)
 
     @staticmethod
     def _sweep_helpers(img: Any, what: str) -> None:
@@ -983,15 +989,15 @@ class RbdBackend(Backend):
             assert parsed is not None
             self._clone(conn, parsed[0], parsed[1], pool, name, features, data_pool, stripe, f"create {what}",
                         spec.secrets)
-            if size > src_size:
-                with rbd.Image(io, name) as img:
-                    img.resize(size)
             meta["source"] = f"{spec.source.kind}:{spec.source.local_id}"
-            self._commit(io, name, meta)
+            with rbd.Image(io, name, read_only=size <= src_size) as img:  # one handle on the new image
+                if size > src_size:
+                    img.resize(size)
+                self._commit(io, name, meta)
+                volume = self._volume_of(pool, name, img, self._meta(img))
             if self._deep(depth):
                 self._queue_flatten(spec.secrets, pool, name)  # usable meanwhile: reads go through the chain
-            with rbd.Image(io, name, read_only=True) as img:
-                return self._volume_of(pool, name, img, self._meta(img))
+            return volume
 
     @staticmethod
     def _commit(io: Any, name: str, meta: Mapping[str, str]) -> None:
@@ -1691,6 +1697,24 @@ def _trash_remove(io: Any, image_id: str) -> None:
     io.execute("rbd_trash", "rbd", "trash_state_set", enc + bytes([0, 1]))  # NORMAL, expecting MOVING
     with contextlib.suppress(rbd.ImageNotFound):
         rbd.RBD().trash_remove(io, image_id, force=True)
+
+
+def _header_snap_names(io: Any, header: str) -> set[str]:
+    """Names of the snapshots recorded in an image's header object, read with the `rbd` object class
+    (get_snapcontext, then get_snapshot_name per id) instead of through an image handle. Clone v2 renames a
+    snapshot it keeps for children to a UUID in the trash namespace, so a user snapshot's name shows only while
+    it is a user snapshot."""
+    import rados
+    _, raw = io.execute(header, "rbd", "get_snapcontext", b"", length=1 << 16)
+    count = struct.unpack_from("<I", raw, 8)[0]  # seq (u64), then the snapshot ids (u32 count, u64 each)
+    names = set()
+    for snap_id in struct.unpack_from(f"<{count}Q", raw, 12):
+        try:
+            _, enc = io.execute(header, "rbd", "get_snapshot_name", struct.pack("<Q", snap_id))
+        except rados.ObjectNotFound:
+            continue  # removed between the two reads
+        names.add(enc[4:4 + struct.unpack_from("<I", enc)[0]].decode(errors="replace"))
+    return names
 
 
 def _user_snaps(img: Any) -> list[str]:

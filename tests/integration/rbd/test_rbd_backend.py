@@ -14,7 +14,7 @@ import rbd
 
 from backends.base import CapabilitySpec, ContentSource, CreateVolumeSpec
 from backends.errors import AlreadyExists, BackendUnavailable, DeadlineExceeded, PermissionDenied
-from backends.rbd import RbdBackend
+from backends.rbd import RbdBackend, _header_snap_names
 from csi.config import parse_config
 from csi.controllerops import ControllerOps
 from csi.registry import Backends
@@ -216,6 +216,39 @@ def test_expand_sweeps_leftover_clone_helpers_only(backend: RbdBackend, admin_io
         img.unprotect_snap(protected)
     backend.delete_volume(vol.local_id, {})
     assert image not in rbd.RBD().list(admin_io)
+
+
+def test_header_read_of_snapshot_names_agrees_with_librbd(ceph_cluster):
+    """The clone-helper check reads snapshot names from the header object with the rbd object class instead of
+    opening the image. It must show the names librbd lists; a snapshot a clone v2 child keeps moves to the trash
+    namespace under a new name, so its user name (what the check looks for) is gone."""
+    parent, child = "hdr-" + uuid.uuid4().hex[:8], "hdr-child-" + uuid.uuid4().hex[:8]
+    r = ceph_cluster.cluster.rados()
+    r.conf_set("rbd_default_clone_format", "2")
+    admin_io = r.open_ioctx(ceph_cluster.pool)
+    rbd.RBD().create(admin_io, parent, 8 * MIB, features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
+    try:
+        with rbd.Image(admin_io, parent) as img:
+            for s in ("kept", "helper", "removed"):
+                img.create_snap(s)
+            img.remove_snap("removed")
+            header = f"rbd_header.{img.id()}"
+        rbd.RBD().clone(admin_io, parent, "helper", admin_io, child, features=rbd.RBD_FEATURE_LAYERING)
+        with rbd.Image(admin_io, parent) as img:
+            img.remove_snap("helper")  # the child still needs it: clone v2 moves it to the trash namespace
+            listed = list(img.list_snaps())
+            user = {s["name"] for s in listed if s["namespace"] == rbd.RBD_SNAP_NAMESPACE_TYPE_USER}
+            assert len(listed) == 2 and user == {"kept"}
+        names = _header_snap_names(admin_io, header)
+        assert names == {s["name"] for s in listed}  # the kept one under its trash name (a UUID)
+        assert "helper" not in names and "kept" in names
+    finally:
+        rbd.RBD().remove(admin_io, child)
+        with rbd.Image(admin_io, parent) as img:
+            img.remove_snap("kept")
+        rbd.RBD().remove(admin_io, parent)
+        admin_io.close()
+        r.shutdown()
 
 
 def test_listing_with_paging(ceph_cluster, state_dir):
