@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -30,11 +31,11 @@ def _free_port() -> int:
     return port
 
 
-def _start(tmp_path, *extra: str, sock: str | None = None) -> tuple[subprocess.Popen, str]:
+def _start(tmp_path, *extra: str, sock: str | None = None, **popen) -> tuple[subprocess.Popen, str]:
     sock = sock or str(tmp_path / "csi.sock")
     proc = subprocess.Popen(TESSERA + ["serve", "--endpoint", f"unix://{sock}", "--state-dir", str(tmp_path / "state"),
                                        "--node-id", "test-node", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -125,6 +126,18 @@ def test_sigterm_finishes_calls_and_removes_socket(tmp_path):
     assert not os.path.exists(sock), "socket left behind after SIGTERM"
     assert results.count("ok") > 0
     assert set(results) <= {"ok", "UNAVAILABLE", "CANCELLED"}, results
+
+
+def test_a_native_abort_leaves_every_threads_stack_in_the_log(tmp_path):
+    """librbd or librados aborting (an assert, an uncaught C++ exception in one of their threads) takes the process
+    down; the pod log must then show which Python code every thread was running, or the crash cannot be traced.
+    SIGABRT is what abort() raises; no core file is written (RLIMIT_CORE 0 in the child)."""
+    proc, _ = _start(tmp_path, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+    proc.send_signal(signal.SIGABRT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in err
+    assert "serve_forever" in err and "_serve" in err  # the main thread's frames, file and function named
 
 
 def test_stale_socket_is_replaced_and_live_one_is_not(tmp_path):
