@@ -66,6 +66,11 @@ VOL_PREFIX = "tessera-vol-"
 SNAP_PREFIX = "tessera-snap-"
 # How long NodeStage waits for the watchers of an image to go before it calls them a writer elsewhere (seconds).
 WATCHER_PATIENCE = 5.0
+# How often a clone takes a fresh helper snapshot when librbd cannot open what the previous one depends on (see
+# RbdBackend._clone); about 3 s in all, well inside a CO's RPC timeout.
+CLONE_ATTEMPTS = 3
+# How long a clone waits for this process's own background flatten of its source before going ahead (seconds).
+FLATTEN_WAIT = 5.0
 META = "tessera."
 # librbd's image feature bits (include/rbd/features.h; a unit test checks them against the rbd module). Kept here so
 # validating a config or a StorageClass does not load librbd: a controller that has served no RBD request yet
@@ -681,30 +686,50 @@ class RbdBackend(Backend):
         holds a shared claim on the parent, so no delete of it removes that snapshot meanwhile.
 
         One handle on the parent serves the whole clone: every open and close of an image costs a header read, a
-        watch and lock hand-overs, and pacific's librbd has been seen to abort the process (an uncaught
-        std::system_error in a librados completion thread) when handles of one image open and close in quick
-        succession."""
+        watch and lock hand-overs, and with one read-write and one read-only open/close pair more around the helper
+        snapshot, pacific's librbd was seen to abort the process (a use-after-free in the parent-at-snapshot open
+        of the new clone, under CPU load; not seen since the pairs went)."""
         import rbd
         fmt = self._clone_format(conn)
         pio = conn.ioctx(parent_pool)
-        with rbd.Image(pio, parent) as p:
-            if child not in _user_snaps(p):
-                p.create_snap(child)
-            if fmt == 1 and not p.is_protected_snap(child):
-                p.protect_snap(child)
-            cconn = conn if fmt == 2 else self._conn(secrets, clone_format=1)
-            try:
-                rbd.RBD().clone(cconn.ioctx(parent_pool), parent, child, cconn.ioctx(pool), child,
-                                features=features, data_pool=data_pool, stripe_unit=stripe[0],
-                                stripe_count=stripe[1])
-            except rbd.InvalidArgument:
-                self._drop_snap(p, child)
-                conn.clone_v2 = None  # ask the cluster again next time
-                raise FailedPrecondition(f"{what}: ceph refused the clone (EINVAL, clone format v{fmt}); check "
-                                         f"`ceph osd get-require-min-compat-client` (clone v2 needs mimic: "
-                                         f"`{CLONE_V2_FIX}`) and that rbd_default_clone_format is not forced") from None
-            if fmt == 2:
-                self._drop_clone_helper(pio, p, child, what)
+        cconn = conn if fmt == 2 else self._conn(secrets, clone_format=1)
+        # A snapshot taken while this process's background job flattens the parent (its own source was deleted)
+        # races that flatten's lock and detach; the job is quick for a small image, so let it finish first.
+        deadline = time.monotonic() + FLATTEN_WAIT
+        while (parent_pool, parent) in self._flattening and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for attempt in range(CLONE_ATTEMPTS):
+            with rbd.Image(pio, parent) as p:
+                if child not in _user_snaps(p):
+                    p.create_snap(child)
+                if fmt == 1 and not p.is_protected_snap(child):
+                    p.protect_snap(child)
+                try:
+                    rbd.RBD().clone(cconn.ioctx(parent_pool), parent, child, cconn.ioctx(pool), child,
+                                    features=features, data_pool=data_pool, stripe_unit=stripe[0],
+                                    stripe_count=stripe[1])
+                except rbd.InvalidArgument:
+                    self._drop_snap(p, child)
+                    conn.clone_v2 = None  # ask the cluster again next time
+                    raise FailedPrecondition(f"{what}: ceph refused the clone (EINVAL, clone format v{fmt}); check "
+                                             f"`ceph osd get-require-min-compat-client` (clone v2 needs mimic: "
+                                             f"`{CLONE_V2_FIX}`) and that rbd_default_clone_format is not "
+                                             f"forced") from None
+                except rbd.ImageNotFound:
+                    # The parent exists (this handle is open on it), yet the clone could not open the parent at the
+                    # helper snapshot. Seen once in the guest right after the parent's own source was deleted (a
+                    # background flatten of the parent then runs, holding its lock): the snapshot taken meanwhile
+                    # was not usable. A fresh one, a moment later, is.
+                    self._drop_snap(p, child)
+                    log.warning("%s: the clone of %s could not open what its helper snapshot depends on (attempt "
+                                "%d; the source was being flattened): taking a new one", what, parent, attempt + 1)
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                if fmt == 2:
+                    self._drop_clone_helper(pio, p, child, what)
+                return
+        raise Aborted(f"{what}: the source {parent} is being flattened in the background (its own source was "
+                      f"deleted) and could not be cloned meanwhile; retry shortly")
 
     @staticmethod
     def _drop_clone_helper(pio: Any, p: Any, snap: str, what: str, attempts: int = 5) -> None:
