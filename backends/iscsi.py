@@ -40,10 +40,11 @@ from typing import Any, Iterable, Literal, Mapping, Optional
 from pydantic import Field, field_validator, model_validator
 
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
-                   ALL_MODES, SINGLE_NODE_MODES, Snapshot, Volume, object_uuid)
-from .errors import (AlreadyExists, BackendUnavailable, FailedPrecondition, InUse, InvalidArgument, NotFound,
+                   ALL_MODES, Snapshot, Volume, object_uuid)
+from .errors import (BackendUnavailable, FailedPrecondition, InUse, InvalidArgument, NotFound,
                      OutOfRange, TesseraError)
 from . import instance_lock
+from .publications import check_beside, describe
 from .iscsi_store import SNAPSHOT_PREFIX, VOLUME_PREFIX, FileStore, LvmStore, Obj, Store, now
 from .iscsi_targets import Chap, LioDriver, Portal, TargetDriver, TgtDriver
 
@@ -185,7 +186,7 @@ class IscsiBackend(Backend):
         # unpublished volume tolerates.
         online = not (self.options.targetDriver == "lio" and self.options.backingStore.file is not None)
         return Features(snapshots=snaps, clones=True, expand=True, online_expand=online, controller_publish=True,
-                        access_modes=ALL_MODES, published_nodes=True)
+                        publish_needed=True, access_modes=ALL_MODES, published_nodes=True)
 
     def allocation_unit(self) -> int:
         return self.store.allocation_unit()
@@ -451,40 +452,22 @@ class IscsiBackend(Backend):
 
     def _check_publish(self, o: Obj, node_name: str, initiator: str, readonly: bool, capability: Any,
                        node_id: str = "") -> None:
-        """Refuse what the spec and the data refuse, then record this publication on the volume (in the storage,
-        before the ACL exists, so a crash leaves a record the retry finds compatible):
-        - the same node again with another readonly flag or capability: ALREADY_EXISTS (spec);
-        - a single-node access mode while another node holds it, or another node holding it in a single-node
-          mode: FAILED_PRECONDITION (spec: "published at another node and does not have MULTI_NODE capability");
-        - a read-write publish while another node holds it read-write, unless both are MULTI_NODE_MULTI_WRITER:
-          FAILED_PRECONDITION naming the holder (and whether it is logged in now)."""
+        """Refuse what the spec and the data refuse (backends/publications.py; a holder is named with its initiator
+        and whether it is logged in now), then record this publication on the volume (in the storage, before the
+        ACL exists, so a crash leaves a record the retry finds compatible)."""
         mode, atype = capability.access_mode, capability.access_type
         mine = _pub_key(initiator)
         want = Publication("ro" if readonly else "rw", mode, atype, node_name, initiator, node_id)
-        others: list[Publication] = []
-        for key, raw in _publications(o.meta).items():
-            pub = Publication.parse(raw)
-            if key == mine:
-                if (pub.access, pub.mode, pub.access_type) != (want.access, want.mode, want.access_type):
-                    raise AlreadyExists(f"volume {self.name}:{o.local_id} is already published to node {node_name} "
-                                        f"as {pub.describe()}; this request asks {want.describe()} (unpublish first)")
-            else:
-                others.append(pub)
+        pubs = {key: Publication.parse(raw) for key, raw in _publications(o.meta).items()}
+        others = [p for key, p in pubs.items() if key != mine]
+        live: set[str] = set()
         if others:
             st = self.driver.state(self.iqn(o.local_id))
             live = set(st.sessions) if st else set()
 
-            def holder(p: Publication) -> str:
-                return f"node {p.node} (initiator {p.initiator}{', logged in now' if p.initiator in live else ''})"
-            for p in others:
-                if mode in SINGLE_NODE_MODES or p.mode in SINGLE_NODE_MODES:
-                    raise FailedPrecondition(f"volume {self.name}:{o.local_id} is published to {holder(p)} as "
-                                             f"{p.describe()}; a single-node access mode allows one node only: "
-                                             "unpublish it there first")
-                if p.access == "rw" and not readonly and not (
-                        mode == "MULTI_NODE_MULTI_WRITER" and p.mode == "MULTI_NODE_MULTI_WRITER"):
-                    raise FailedPrecondition(f"volume {self.name}:{o.local_id} is held read-write by {holder(p)}; "
-                                             f"{mode} allows one writer: unpublish it there first")
+        def holder(p: Any) -> str:
+            return f"node {p.node} (initiator {p.initiator}{', logged in now' if p.initiator in live else ''})"
+        check_beside(f"{self.name}:{o.local_id}", node_name, want, pubs.get(mine), others, holder)
         if o.meta.get(mine) != want.encode():
             self.store.update_meta(o.local_id, {mine: want.encode()})
 
@@ -692,7 +675,7 @@ class Publication:
         return self.node + "?" + urllib.parse.urlencode([("iqn", self.initiator)])
 
     def describe(self) -> str:
-        return f"{'read-only' if self.access == 'ro' else 'read-write'} {self.access_type} {self.mode}"
+        return describe(self)
 
 
 def _scrub(text: str, props: Mapping[str, Any]) -> str:
