@@ -139,7 +139,10 @@ class Features:
     clones: bool = False
     expand: bool = False
     online_expand: bool = True
-    controller_publish: bool = False  # needs ControllerPublish/Unpublish (per-node access control)
+    controller_publish: bool = False  # serves ControllerPublish/Unpublish (the controller advertises the RPCs)
+    # ControllerPublish grants access a node cannot attach without (iSCSI ACLs): attachRequired must be true, and
+    # a FlexVolume `init` answers attach: true. A backend that only records publications (RBD) leaves it false.
+    publish_needed: bool = False
     list_volumes: bool = True
     capacity: bool = True
     node_local: bool = False  # volumes live on one node (topology); CreateVolume must run on that node

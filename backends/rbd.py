@@ -54,7 +54,7 @@ from .errors import (Aborted, AlreadyExists, BackendUnavailable, CapacityExceede
                      Internal, InUse, InvalidArgument, NotFound, OutOfRange, PermissionDenied, TesseraError)
 from .locking import Claim, LockProvider, Operation
 from .rbd_flatten import RETRY, BackgroundJobs
-from . import io_limits
+from . import io_limits, rbd_header, rbd_publish
 from .rbd_qos import QOS_PARAMETERS, context_note, from_metadata, metadata_key
 from .rbd_locks import LeaseLocks, RadosLockProvider
 from .errors import listing, shown
@@ -205,7 +205,8 @@ class RbdBackend(Backend):
     # ---- facts --------------------------------------------------------------------------------------------
     def features(self) -> Features:
         return Features(snapshots=True, clones=True, expand=True, online_expand=True, list_volumes=True,
-                        capacity=True, block=True, volume_condition=True,
+                        capacity=True, block=True, volume_condition=True, controller_publish=True,
+                        published_nodes=True,
                         access_modes=SINGLE_NODE_MODES | frozenset({"MULTI_NODE_READER_ONLY"}),
                         group_snapshots=True)
 
@@ -615,12 +616,24 @@ class RbdBackend(Backend):
 
     @staticmethod
     def _meta(image: Any) -> dict[str, str]:
-        """The image's `tessera.*` metadata (prefix dropped), plus its QoS overrides under their own `conf_rbd_qos_*`
-        names (backends/rbd_qos.py): one metadata read serves both."""
+        """The image's own `tessera.*` metadata (prefix dropped), plus its QoS overrides under their own
+        `conf_rbd_qos_*` names (backends/rbd_qos.py): one metadata read serves both.
+
+        librbd's clone copies the parent's metadata into the child. Until the child's own commit (`_commit`)
+        rewrites them, the copied `tessera.*` keys describe the parent, and the commit's `image` key then names
+        the parent: such keys count as none, so a clone interrupted before its commit is seen as unfinished."""
         pairs = dict(image.metadata_list())
         out = {k[len(META):]: v for k, v in pairs.items() if k.startswith(META)}
+        if out.get("image", image.get_name()) != image.get_name():
+            out = {}
         out.update((metadata_key(k), v) for k, v in from_metadata(pairs).items())
         return out
+
+    @staticmethod
+    def _committed(meta: Mapping[str, str], image: str) -> bool:
+        """Whether `meta` (an image's `tessera.*` metadata read from its header) is that image's own commit (see
+        `_meta`). Images committed before the `image` key existed carry no such key and count as committed."""
+        return "name" in meta and meta.get("image", image) == image
 
     def _open(self, conn: _Conn, pool: str, image: str, read_only: bool = True) -> Optional[Any]:
         """An open image, or None when it does not exist."""
@@ -653,7 +666,7 @@ class RbdBackend(Backend):
         return Volume(local_id=f"{pool}.{name}", capacity_bytes=img.size(), name=meta.get("name", ""),
                       context={**self._context(pool, name, mounter), **context_note(mounter, qos)},
                       parameters=params, source=source, abnormal=abnormal, condition_message=message,
-                      mutable_parameters=qos)
+                      mutable_parameters=qos, published_nodes=rbd_publish.published_node_ids(meta))
 
     def _snapshot_of(self, pool: str, name: str, img: Any, meta: dict[str, str], ready: bool = True) -> Snapshot:
         return Snapshot(local_id=f"{pool}.{name}", source_volume_local_id=meta.get("source_volume", ""),
@@ -1018,26 +1031,28 @@ class RbdBackend(Backend):
             with rbd.Image(io, name, read_only=size <= src_size) as img:  # one handle on the new image
                 if size > src_size:
                     img.resize(size)
-                self._commit(io, name, meta)
+                self._commit(io, name, meta, clone=True)
                 volume = self._volume_of(pool, name, img, self._meta(img))
             if self._deep(depth):
                 self._queue_flatten(spec.secrets, pool, name)  # usable meanwhile: reads go through the chain
             return volume
 
     @staticmethod
-    def _commit(io: Any, name: str, meta: Mapping[str, str]) -> None:
-        """Write all `tessera.*` metadata of a new image in one atomic step, the commit point of a create.
+    def _commit(io: Any, name: str, meta: Mapping[str, str], clone: bool = False) -> None:
+        """Write all `tessera.*` metadata of a new image in one atomic step, the commit point of a create, with
+        `image` = its own name (see `_meta`). A clone (`clone`) also drops in that same step every `tessera.*` key
+        librbd copied from its parent (the parent's publications, group, depth...): one read more.
 
         Why not Image.metadata_set: opening an image (header read, watch, exclusive-lock acquisition) costs more
-        than the create itself. The image is brand new and unseen, so the driver calls the RBD object class'
-        `metadata_set` on its header directly: one OSD op, all keys at once (what librbd sends, minus the lock)."""
-        def enc(b: bytes) -> bytes:
-            return struct.pack("<I", len(b)) + b
-        raw = io.read(f"rbd_id.{name}", 4096)
-        image_id = raw[4:4 + struct.unpack("<I", raw[:4])[0]].decode()
-        payload = struct.pack("<I", len(meta)) + b"".join(enc((META + k).encode()) + enc(v.encode())
-                                                          for k, v in sorted(meta.items()))
-        io.execute(f"rbd_header.{image_id}", "rbd", "metadata_set", payload)
+        than the create itself. The image is brand new and unseen, so the driver writes its header directly
+        (backends/rbd_header.py): one OSD op, all keys at once (what librbd stores, minus the lock)."""
+        header = rbd_header.header_object(io, name)
+        if header is None:
+            raise Aborted(f"image {name} vanished before its create committed (removed meanwhile); retry")
+        own = {META + k: v for k, v in meta.items()}
+        own[META + "image"] = name
+        stale = [META + k for k in rbd_header.read_meta(io, header, META) if META + k not in own] if clone else []
+        rbd_header.write_meta(io, header, own, stale)
 
     def delete_volume(self, local_id: str, secrets: Mapping[str, str]) -> None:
         parsed = self._split(local_id, VOL_PREFIX)
@@ -1221,6 +1236,16 @@ class RbdBackend(Backend):
         return size, True
 
     # ---- mutable parameters: QoS (backends/rbd_qos.py) -----------------------------------------------------
+    def controller_publish(self, local_id: str, node: Any, readonly: bool, capability: Any,
+                           context: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str, str]:
+        return rbd_publish.publish(self, local_id, node, readonly, capability, secrets)
+
+    def controller_unpublish(self, local_id: str, node: Any, secrets: Mapping[str, str]) -> None:
+        rbd_publish.unpublish(self, local_id, node, secrets)
+
+    def node_attributes(self) -> dict[str, str]:
+        return dict(rbd_publish.NODE_ATTRIBUTES)
+
     def mutable_parameters(self) -> Mapping[str, Any]:
         return QOS_PARAMETERS
 
@@ -1286,7 +1311,8 @@ class RbdBackend(Backend):
             self._clone(conn, pool, parsed[1], pool, sname, features, data_pool, (None, None), f"create {what}",
                         secrets)
             self._commit(conn.ioctx(pool), sname, {"kind": "snapshot", "source_volume": source_local_id,
-                                                    "created": repr(time.time()), "name": name, "depth": str(depth)})
+                                                    "created": repr(time.time()), "name": name, "depth": str(depth)},
+                         clone=True)
             deep = self._deep(depth)
             if deep:  # ready_to_use=false until the background flatten makes it self-contained
                 self._queue_flatten(secrets, pool, sname)

@@ -161,7 +161,7 @@ class Shim:
         raw, (node,) = P.split_json(args, 1, "attach", "attach <json options> <node name>")
         opts = P.parse_options(raw)
         backend = self.backend_of(opts.volume_id)
-        if not backend.features().controller_publish:
+        if not backend.features().publish_needed:
             return P.success("no controller-side attach needed for this backend", device="")
         node_id = self.flex_node_id(backend, node)
         pc = self.controllerops().publish(opts.volume_id, node_id, opts.readonly, self.capability(opts), opts.context,
@@ -221,7 +221,7 @@ class Shim:
         raw, (node,) = P.split_json(args, 1, "isattached", "isattached <json options> <node name>")
         opts = P.parse_options(raw)
         backend = self.backend_of(opts.volume_id)
-        if not backend.features().controller_publish:
+        if not backend.features().publish_needed:
             return P.success(attached=True)
         _, vol = self.controllerops().get_volume(opts.volume_id, opts.secrets)
         attached = node in vol.published_nodes or self.records.get_attachment(opts.pv_name, node) is not None

@@ -232,7 +232,7 @@ def check_backends_fit_the_install(docs: list[Doc]) -> None:
     for d in plugin_workloads(docs):
         feats = {n: bf.backend_features(b) for n, b in plugin_config(d, cms).backends.items()}
         if not attach:
-            publish = sorted(n for n, f in feats.items() if f.controller_publish)
+            publish = sorted(n for n, f in feats.items() if f.publish_needed)
             assert not publish, f"{d!r}: attachRequired is false, but backends {publish} need ControllerPublish"
         if role(d) == "controller":
             local = sorted(n for n, f in feats.items() if f.node_local)

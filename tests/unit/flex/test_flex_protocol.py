@@ -82,7 +82,7 @@ def test_controller_attach_types_match_backends(tmp_path):
     from backends.file import FileBackend
     rt = Runtime("tessera.csi.dev", "n", str(tmp_path), "k")
     fb = FileBackend("local", FileBackend.options_model.model_validate({"directory": str(tmp_path)}), rt)
-    assert fb.features().controller_publish is ("file" in shim.CONTROLLER_ATTACH_TYPES)
+    assert fb.features().publish_needed is ("file" in shim.CONTROLLER_ATTACH_TYPES)
     assert shim.needs_attach({"backends": {"a": {"type": "iscsi"}}})
     assert not shim.needs_attach({"backends": {"a": {"type": "file"}, "b": {"type": "lvm"}, "c": {"type": "rbd"}}})
 
