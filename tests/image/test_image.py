@@ -116,7 +116,8 @@ def test_rbd_volume_created_staged_published_by_the_plugin_in_the_image(containe
     client = Client(endpoint, timeout=120)
     try:
         caps = client.controller_caps()
-        ledger = Ledger(client, "image-node", CTRL.Value("PUBLISH_UNPUBLISH_VOLUME") in caps)
+        node_id = client.node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=30).node_id  # as the CO learns it
+        ledger = Ledger(client, node_id, CTRL.Value("PUBLISH_UNPUBLISH_VOLUME") in caps)
         cap = mount_cap("ext4")
         vol = ledger.create_volume(pb.CreateVolumeRequest(
             name=f"image-{uuid.uuid4().hex[:8]}", parameters={"backend": "ceph"}, volume_capabilities=[cap],
