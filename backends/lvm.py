@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Mapping, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from . import io_limits
+from . import io_limits, lvm_top
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
                    MutableParameter, Orphan, SINGLE_NODE_MODES, Snapshot, Usage, Volume, object_uuid)
 from .errors import (BackendUnavailable, CapacityExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TesseraError,
@@ -144,6 +144,13 @@ class LvmBackend(Backend):
         return Snapshot(local_id=lv.name, source_volume_local_id=f.get("of", lv.origin), size_bytes=lv.size,
                         creation_time=ctime, ready_to_use=f.get("state") != "pending", name=f.get("name", ""))
 
+    def _paused(self, local_ids: list[str]):  # type: ignore[no-untyped-def]
+        """The volumes' device layers on this node suspended for the block (backends/lvm_top.py), with the marker
+        that lets the next call resume what a crash left paused."""
+        os.makedirs(self.runtime.state_dir, exist_ok=True)
+        marker = os.path.join(self.runtime.state_dir, f"lvm-{self.name}.paused.json")
+        return lvm_top.paused([(self.lvm.vg, lid) for lid in local_ids], marker)
+
     def _find(self, local_id: str, kind: str, prefix: str) -> Optional[LvInfo]:
         if not local_id.startswith(prefix):
             return None
@@ -242,7 +249,10 @@ class LvmBackend(Backend):
             raise OutOfRange(f"the source {spec.source.kind} ({src.size} bytes) exceeds limit_bytes {spec.limit_bytes}")
         self._ensure_room(size, size)
         if self.thin:
-            self.lvm.snapshot(src.name, local_id, tags + [PENDING_TAG], activation_skip=False)
+            # a volume in use is paused for the instant of its snapshot, so its filesystem is cut clean (LVM's own
+            # freeze reaches the LV, not the filesystem on Tessera's layer above it)
+            with self._paused([src.name] if spec.source.kind == "volume" else []):
+                self.lvm.snapshot(src.name, local_id, tags + [PENDING_TAG], activation_skip=False)
             self._fix_tags(local_id, tags)
             self.lvm.resize(local_id, size)
         else:
@@ -327,7 +337,8 @@ class LvmBackend(Backend):
         self._ensure_room(src.size)
         tags = fields_to_tags(NS, {"kind": "snapshot", "name": name, "of": source_local_id,
                                    "ctime": f"{time.time():.3f}"})
-        self.lvm.snapshot(source_local_id, local_id, tags + [PENDING_TAG], activation_skip=True)
+        with self._paused([source_local_id]):  # see create_volume
+            self.lvm.snapshot(source_local_id, local_id, tags + [PENDING_TAG], activation_skip=True)
         self._fix_tags(local_id, tags)
         self.lvm.del_tags(local_id, [PENDING_TAG])
         lv = self.lvm.find(local_id)
@@ -397,18 +408,28 @@ class LvmBackend(Backend):
         self.lvm.set_permission(local_id, not readonly)
         if not lv.active:
             self.lvm.activate(local_id)
-        path = self.lvm.device_path(local_id)
-        if not os.path.exists(path):
-            path = self.lvm.wait_for_device(local_id)
-        return Attachment(device=path, data={"volumeGroup": self.lvm.vg, "logicalVolume": local_id})
+        if not os.path.exists(self.lvm.device_path(local_id)):
+            self.lvm.wait_for_device(local_id)
+        # the volume is used through Tessera's own device-mapper layer over the LV (backends/lvm_top.py), which a
+        # group snapshot suspends to pause the volume's writers
+        path = lvm_top.ensure(self.lvm.vg, local_id, readonly)
+        return Attachment(device=path, data={"volumeGroup": self.lvm.vg, "logicalVolume": local_id,
+                                             "layer": lvm_top.top_name(self.lvm.vg, local_id)})
 
     def node_detach(self, local_id: str, attachment: Attachment) -> None:
         lv = self._find(local_id, "volume", VOLUME_PREFIX)
+        if lv is None:
+            return
+        lvm_top.remove(self.lvm.vg, local_id)  # only our own layer over this LV; none for a pre-layer stage
+        lv = self.lvm.find(local_id)
         if lv is not None and lv.active and not lv.open:
             self.lvm.deactivate(local_id)
 
     def node_refresh_size(self, local_id: str, attachment: Attachment) -> None:
-        """Nothing to do: lvextend resizes the device-mapper table in this same kernel."""
+        """lvextend resized the LV's own table in this same kernel; the layer above it gets a table of the new size
+        (a volume staged straight on its LV by an older version has none)."""
+        validate_name(local_id, "LV")
+        lvm_top.refresh(self.lvm.vg, local_id)
 
     def node_attachment_valid(self, local_id: str, attachment: Attachment,
                               context: Mapping[str, str]) -> Optional[bool]:
@@ -421,7 +442,8 @@ class LvmBackend(Backend):
         except TesseraError:
             return False
         rdev = node_proof.device_rdev(attachment.device)
-        return rdev is not None and node_proof.dm_is_lv(rdev, self.lvm.vg, local_id)
+        return rdev is not None and (lvm_top.is_layer_of(rdev, self.lvm.vg, local_id)
+                                     or node_proof.dm_is_lv(rdev, self.lvm.vg, local_id))  # staged before the layer
 
 
 

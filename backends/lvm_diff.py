@@ -42,7 +42,7 @@ import xml.etree.ElementTree as ET
 from typing import IO, Iterator, Optional
 
 from .errors import Aborted, BackendUnavailable, Internal, NotFound
-from .lvm_volumes import LVM_ENV, validate_name
+from .lvm_volumes import LVM_ENV, lvm_argv, validate_name
 from .range_diff import Range, coalesce, from_offset
 from .util import CommandError, run
 
@@ -138,7 +138,7 @@ class ThinPoolMetadata:
 
     # -- facts from LVM
     def _lvs(self, target: str, fields: str) -> list[dict[str, str]]:
-        out = run(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, target],
+        out = run(lvm_argv(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, target]),
                   timeout=self.timeout, env=LVM_ENV, check=False)
         if out.returncode != 0:
             detail = (out.stderr or out.stdout).strip().splitlines()
@@ -180,7 +180,7 @@ class ThinPoolMetadata:
         down with the last of them, which a node unstage may do while a tool is reading the pool's metadata."""
         status = self._status(dm_name(self.vg, self.pool) + "-tpool")
         if status is None:
-            run(["lvchange", "--activate", "y", f"{self.vg}/{self.pool}"], timeout=self.timeout, env=LVM_ENV)
+            run(lvm_argv(["lvchange", "--activate", "y", f"{self.vg}/{self.pool}"]), timeout=self.timeout, env=LVM_ENV)
             status = self._status(dm_name(self.vg, self.pool) + "-tpool")
         if status is None:
             raise BackendUnavailable(f"thin pool {self.vg}/{self.pool} has no active thin-pool target after "

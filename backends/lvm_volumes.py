@@ -32,6 +32,14 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_TAG_BYTES = 1024
 
 LVM_ENV = {"LVM_SUPPRESS_FD_WARNINGS": "1", "LC_ALL": "C"}
+# LVM reads every block device when it scans, and a read of a suspended device waits until it is resumed: while a
+# snapshot holds Tessera's device layers paused (backends/lvm_top.py), every LVM command Tessera runs skips them.
+LVM_CONFIG = "devices { ignore_suspended_devices = 1 }"
+
+
+def lvm_argv(argv: Sequence[str]) -> list[str]:
+    """An LVM tool's command line with Tessera's configuration override (LVM_CONFIG) after the tool's name."""
+    return [argv[0], "--config", LVM_CONFIG, *argv[1:]]
 
 
 def validate_name(name: str, what: str = "LV") -> str:
@@ -241,7 +249,7 @@ class LvmVolumes:
     # -- plumbing
     def _run(self, argv: Sequence[str], what: str, timeout: Optional[float] = None) -> str:
         try:
-            return run(list(argv), timeout=timeout or self.timeout, env=LVM_ENV).stdout
+            return run(lvm_argv(argv), timeout=timeout or self.timeout, env=LVM_ENV).stdout
         except CommandError as e:
             raise _classify(e, what) from None
 

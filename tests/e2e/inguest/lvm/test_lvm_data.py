@@ -86,7 +86,11 @@ def test_write_restage_read_back(lvm: LvmEnv, fs: str) -> None:
     src = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "--target", target], capture_output=True,
                          text=True, check=True).stdout.split()
     assert src[1] == fs
-    assert os.path.realpath(src[0]) == os.path.realpath(f"/dev/{lvm.vg.name}/{lv['lv_name']}")
+    # mounted from Tessera's device-mapper layer over the LV (lsblk shows the LV, then the layer, then the mount)
+    layer = os.path.realpath(f"/dev/mapper/tessera-{lvm.vg.name.replace('-', '--')}-{lv['lv_name'].replace('-', '--')}")
+    assert os.path.realpath(src[0]) == layer
+    lv_dev = os.path.basename(os.path.realpath(f"/dev/{lvm.vg.name}/{lv['lv_name']}"))
+    assert os.listdir(f"/sys/class/block/{os.path.basename(layer)}/slaves") == [lv_dev]
     want = _write(os.path.join(target, "payload"), 4 * MIB, fs)
     _umount(lvm, vol, fs)
     target = _mount(lvm, vol, cap, fs)

@@ -57,8 +57,11 @@ def test_write_iops_limit_is_enforced_and_follows_modify(lvm: "LvmEnv", pod_cgro
     vol = lvm.ledger.create_volume(pb.CreateVolumeRequest(
         name=f"iolimit-{uuid.uuid4().hex[:8]}", capacity_range=pb.CapacityRange(required_bytes=64 * MIB),
         volume_capabilities=[block_cap()], mutable_parameters={"io_max_wiops": "50"}))
-    device = f"/dev/{vol.volume_context['volumeGroup']}/{vol.volume_context['logicalVolume']}"
     target = _publish_for_pod(lvm, vol, uid)
+    # the pod's device: Tessera's device-mapper layer over the LV (backends/lvm_top.py), the one its writes reach
+    vg, lv = vol.volume_context["volumeGroup"], vol.volume_context["logicalVolume"]
+    device = f"/dev/mapper/tessera-{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+    assert os.stat(device).st_rdev == os.stat(target).st_rdev
     assert re.search(r"\bwiops=50\b", iolimits.device_line(cgroup, device)), iolimits.device_line(cgroup, device)
     rate = iolimits.write_rate(cgroup, target, 150)
     assert 40 <= rate <= 60, f"{rate:.1f} writes/s with a limit of 50"

@@ -15,7 +15,7 @@ import time
 import grpc
 
 from csi._pb import csi_pb2 as pb
-from backends import node_proof
+from backends import lvm_top, node_proof
 from tests.e2e.inguest.safety.env import MIB, PORTALS, Node, Pair, pread_direct, pwrite_direct
 from tests.sanity.harness import Client, block_cap
 
@@ -123,9 +123,15 @@ def test_rbd_reboot_with_device_numbers_swapped_restages_the_right_image(rbd: Pa
 def test_lvm_reboot_with_device_numbers_swapped_restages_the_right_lv(thick: Pair, thick_vg) -> None:
     p = thick
     a, data_a, ta, b, data_b, tb = _write_patterns(p)
-    old_a = os.stat(ta).st_rdev
     lv_a, lv_b = (v.volume_id.split(":", 1)[1] for v in (a, b))
+    # A is staged through Tessera's device layer over its LV (backends/lvm_top.py); the device number B is to take
+    # is A's LV's, under that layer
+    old_a = os.stat(f"/dev/{thick_vg.name}/{lv_a}").st_rdev
     _unmount_all_under(p.workdir)
+    for lv in (lv_a, lv_b):  # a reboot takes the layers with it, then the LVs
+        layer = lvm_top.top_name(thick_vg.name, lv)
+        assert lvm_top.find(layer) is not None, f"volume {lv} was not staged through its layer {layer}"
+        _sh(["dmsetup", "remove", layer])
     _sh(["lvchange", "-an", f"{thick_vg.name}/{lv_a}", f"{thick_vg.name}/{lv_b}"])
     # B is activated first and takes the lowest free device-mapper minor: A's old one
     _sh(["lvchange", "-ay", f"{thick_vg.name}/{lv_b}"])
