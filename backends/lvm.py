@@ -30,9 +30,10 @@ from typing import Iterable, Iterator, Mapping, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from . import io_limits, lvm_top
+from . import io_limits, lvm_group, lvm_top
 from .base import (Attachment, Backend, BackendOptions, Capacity, ContentSource, CreateVolumeSpec, Features,
-                   MutableParameter, Orphan, SINGLE_NODE_MODES, Snapshot, Usage, Volume, object_uuid)
+                   GroupSnapshot, MutableParameter, Orphan, SINGLE_NODE_MODES, Snapshot, Usage, Volume,
+                   object_uuid)
 from .errors import (BackendUnavailable, CapacityExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, TesseraError,
                      Unsupported)
 from .errors import listing
@@ -85,7 +86,7 @@ class LvmBackend(Backend):
 
     def features(self) -> Features:
         return Features(snapshots=self.thin, clones=True, expand=True, online_expand=True, node_local=True,
-                        access_modes=SINGLE_NODE_MODES)
+                        access_modes=SINGLE_NODE_MODES, group_snapshots=self.thin)
 
     def allocation_unit(self) -> int:
         if self._extent is None:
@@ -142,7 +143,8 @@ class LvmBackend(Backend):
         except ValueError:
             ctime = 0.0
         return Snapshot(local_id=lv.name, source_volume_local_id=f.get("of", lv.origin), size_bytes=lv.size,
-                        creation_time=ctime, ready_to_use=f.get("state") != "pending", name=f.get("name", ""))
+                        creation_time=ctime, ready_to_use=f.get("state") != "pending", name=f.get("name", ""),
+                        group_local_id=f.get("group", ""))
 
     def _paused(self, local_ids: list[str]):  # type: ignore[no-untyped-def]
         """The volumes' device layers on this node suspended for the block (backends/lvm_top.py), with the marker
@@ -351,7 +353,8 @@ class LvmBackend(Backend):
 
     def get_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> Snapshot:
         lv = self._find(local_id, "snapshot", SNAPSHOT_PREFIX)
-        if lv is None:
+        group = lv.fields(NS).get("group") if lv is not None else None
+        if lv is None or (group and lvm_group.load(self, group) is None):  # a member of an unfinished group
             raise NotFound(f"snapshot {self.name}:{local_id} does not exist")
         return self._snapshot(lv)
 
@@ -361,9 +364,28 @@ class LvmBackend(Backend):
     def iter_snapshots(self, start_after: str, secrets: Mapping[str, str]) -> Iterator[Snapshot]:
         if not self.thin:
             return iter(())
-        return (self._snapshot(lv) for lv in sorted(self.lvm.list(), key=lambda x: x.name)
+        lvs = self.lvm.list()
+        groups = lvm_group.committed_groups(self, lvs)
+        return (self._snapshot(lv) for lv in sorted(lvs, key=lambda x: x.name)
                 if lv.name > start_after and lv.name.startswith(SNAPSHOT_PREFIX) and self._mine(lv)
-                and lv.fields(NS).get("kind") == "snapshot")
+                and lv.fields(NS).get("kind") == "snapshot" and lv.fields(NS).get("group", "") in groups | {""})
+
+    # ---- group snapshots (thin): backends/lvm_group.py ------------------------------------------------------
+    def group_local_id_for_name(self, name: str) -> Optional[str]:
+        return lvm_group.group_local_id(self.runtime.driver_name, name)
+
+    def create_group_snapshot(self, name: str, source_local_ids: list[str], parameters: Mapping[str, str],
+                              secrets: Mapping[str, str]) -> GroupSnapshot:
+        if not self.thin:
+            raise Unsupported(f"backend {self.name!r} uses thick LVs, which cannot keep snapshots; configure a "
+                              "thinPool for group snapshots")
+        return lvm_group.create(self, name, source_local_ids, parameters)
+
+    def delete_group_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
+        lvm_group.delete(self, local_id)
+
+    def get_group_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> GroupSnapshot:
+        return lvm_group.get(self, local_id)
 
     # ---- mutable parameters: node I/O limits (backends/io_limits.py), kept as `m.<key>` tags --------------
     def mutable_parameters(self) -> Mapping[str, MutableParameter]:
