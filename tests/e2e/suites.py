@@ -30,10 +30,10 @@ SUITES: list[Suite] = [
     Suite("lvm-data", ("tests/e2e/inguest/lvm",),
           "LVM backend data path, thick and thin: restage, block, snapshot restore, clone, online grow, capacity, "
           "changed-block tracking on thin (thin_dump/thin_delta)",
-          timeout=1500, expected=460),
+          timeout=1500, expected=520),
     Suite("sanity-lvm", ("tests/sanity", "--sanity-profile", "lvm-thick", "--sanity-profile", "lvm-thin"),
           "the CSI conformance suite against the LVM backend (thick and thin) on a loop-backed VG",
-          timeout=2400, expected=800),
+          timeout=2400, expected=880),
     Suite("flex-lvm", ("tests/e2e/inguest/flex",),
           "FlexVolume shim + provisioner PVC-to-mount walk on LVM (thick and thin), the shim called as kubelet calls it",
           timeout=600, expected=76),
