@@ -623,17 +623,16 @@ class RbdBackend(Backend):
         rewrites them, the copied `tessera.*` keys describe the parent, and the commit's `image` key then names
         the parent: such keys count as none, so a clone interrupted before its commit is seen as unfinished."""
         pairs = dict(image.metadata_list())
-        out = {k[len(META):]: v for k, v in pairs.items() if k.startswith(META)}
-        if out.get("image", image.get_name()) != image.get_name():
-            out = {}
+        out = RbdBackend._own({k[len(META):]: v for k, v in pairs.items() if k.startswith(META)}, image.get_name())
         out.update((metadata_key(k), v) for k, v in from_metadata(pairs).items())
         return out
 
     @staticmethod
-    def _committed(meta: Mapping[str, str], image: str) -> bool:
-        """Whether `meta` (an image's `tessera.*` metadata read from its header) is that image's own commit (see
-        `_meta`). Images committed before the `image` key existed carry no such key and count as committed."""
-        return "name" in meta and meta.get("image", image) == image
+    def _own(meta: dict[str, str], image: str) -> dict[str, str]:
+        """`meta` (an image's `tessera.*` metadata, prefix dropped) when it is that image's own, else {} (copied from
+        the parent by a clone whose commit has not happened; see `_meta`). Images committed before the `image`
+        key existed carry no such key and count as their own."""
+        return meta if meta.get("image", image) == image else {}
 
     def _open(self, conn: _Conn, pool: str, image: str, read_only: bool = True) -> Optional[Any]:
         """An open image, or None when it does not exist."""
@@ -1235,7 +1234,7 @@ class RbdBackend(Backend):
                 self._sweep_helpers(img, f"{self.name}:{local_id}")
         return size, True
 
-    # ---- mutable parameters: QoS (backends/rbd_qos.py) -----------------------------------------------------
+    # ---- publications (backends/rbd_publish.py) -------------------------------------------------------------
     def controller_publish(self, local_id: str, node: Any, readonly: bool, capability: Any,
                            context: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str, str]:
         return rbd_publish.publish(self, local_id, node, readonly, capability, secrets)
@@ -1246,6 +1245,7 @@ class RbdBackend(Backend):
     def node_attributes(self) -> dict[str, str]:
         return dict(rbd_publish.NODE_ATTRIBUTES)
 
+    # ---- mutable parameters: QoS (backends/rbd_qos.py) -----------------------------------------------------
     def mutable_parameters(self) -> Mapping[str, Any]:
         return QOS_PARAMETERS
 

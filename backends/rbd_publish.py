@@ -46,8 +46,8 @@ def publish(backend: "RbdBackend", local_id: str, node: Any, readonly: bool, cap
     with backend._ceph(f"publish {what}", conn):
         io = conn.ioctx(parsed[0])
         header = rbd_header.header_object(io, parsed[1])
-        meta = rbd_header.read_meta(io, header, META) if header else {}
-        if header is None or not backend._committed(meta, parsed[1]):
+        meta = backend._own(rbd_header.read_meta(io, header, META), parsed[1]) if header else {}
+        if header is None or "name" not in meta:
             raise NotFound(f"{what} does not exist")
         if any((node.attributes or {}).get(k) != v for k, v in NODE_ATTRIBUTES.items()):
             raise NotFound(f"node {node.name} does not exist as an rbd node: its node ID {node.encode()!r} carries "
