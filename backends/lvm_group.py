@@ -39,10 +39,9 @@ def member_local_id(driver_name: str, group_name: str, source_local_id: str, sna
     return snapshot_prefix + object_uuid(driver_name, f"group-member/{group_name}/{source_local_id}")
 
 
-def _members(backend: "LvmBackend", gid: str, lvs: Optional[Iterable[LvInfo]] = None) -> list[LvInfo]:
+def _members(backend: "LvmBackend", gid: str) -> list[LvInfo]:
     from .lvm import NS
-    pool = backend.lvm.list() if lvs is None else lvs
-    return sorted((lv for lv in pool if backend._mine(lv) and lv.fields(NS).get("group") == gid),
+    return sorted((lv for lv in backend.lvm.list() if backend._mine(lv) and lv.fields(NS).get("group") == gid),
                   key=lambda lv: lv.name)
 
 
