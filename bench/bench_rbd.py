@@ -6,15 +6,21 @@
 
 Part 1 (latency): one caller, gRPC and raw calls interleaved per iteration so that cluster drift hits both alike;
 p50/p95 of each and the gRPC/raw ratios (goal: p50 ratio <= 1.25).
-Part 1 runs gRPC, raw and in-process backend calls in blocks of 10, the order rotated per block (see below).
+Part 1 runs gRPC, raw, in-process backend and floor-server calls in blocks of 10, the order rotated per block (see
+below). The floor server (bench/floor_server.py) is a bare grpcio server whose CreateVolume is one RBD().create:
+what any Python gRPC controller pays, so "Tessera / floor" is what Tessera itself adds.
 Part 2 (throughput): 500 CreateVolume from 32 concurrent gRPC callers versus 500 creates from 32 threads of raw
-librbd, in alternating rounds (default 5), median round of each; creates/s and the gRPC/raw ratio (goal >= 0.8).
+librbd and 500 through the floor server, in rotating rounds (default 5), median round of each; creates/s and the gRPC/raw ratio (goal >= 0.8).
 Deletes are timed the same way.
+Part 3 (cluster work): OSD operations per create and per delete on each path (the OSDs' `osd.op` perf counter
+before and after 20 sequential calls, nothing else running), the round trips the driver adds to librbd's own.
 Raw calls use the same user, pool, image features and size as the driver. Figures only; nothing asserts on time.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
+import json
 import os
 import shutil
 import statistics
@@ -23,6 +29,8 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+
+import grpc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -33,6 +41,7 @@ import yaml  # noqa: E402
 from backends.rbd import FEATURE_NAMES, _feature_bits  # noqa: E402
 from bench.measure import load, rss_mib  # noqa: E402
 from csi._pb import csi_pb2 as pb  # noqa: E402
+from csi._pb import csi_pb2_grpc as rpc  # noqa: E402
 from tests.ceph.cluster import Cluster, bootstrap, start  # noqa: E402
 from tests.sanity.harness import Client, ServerProcess, mount_cap  # noqa: E402
 from tests.ceph.fixtures import CephInfo  # noqa: E402
@@ -41,6 +50,18 @@ from backends.base import CapabilitySpec, CreateVolumeSpec  # noqa: E402
 
 SIZE = 1 << 30
 BLOCK = 10
+COUNTED = 20  # calls per path in the OSD-operations part
+
+
+def osd_ops(r) -> int:
+    """Operations the cluster's OSDs have served so far (sum of `osd.op` over every OSD)."""
+    total = 0
+    for osd in json.loads(r.mon_command(json.dumps({"prefix": "osd ls", "format": "json"}), b"")[1]):
+        ret, out, err = r.osd_command(osd, json.dumps({"prefix": "perf dump"}), b"")
+        if ret != 0:
+            raise RuntimeError(f"perf dump of osd.{osd}: {err}")
+        total += json.loads(out)["osd"]["op"]
+    return total
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -51,6 +72,15 @@ def pct(xs: list[float], p: float) -> float:
 def create_req(name: str) -> pb.CreateVolumeRequest:
     return pb.CreateVolumeRequest(name=name, capacity_range=pb.CapacityRange(required_bytes=SIZE),
                                   volume_capabilities=[mount_cap("ext4")], parameters={"backend": "ceph"})
+
+
+def start_floor(work: str, c: Cluster, features: int) -> tuple[subprocess.Popen, "rpc.ControllerStub"]:
+    sock = os.path.join(work, "floor.sock")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bench", "floor_server.py"), sock, c.conf, c.csi_user,
+                             c.csi_keyring, c.pool, str(features)])
+    channel = grpc.insecure_channel("unix://" + sock)
+    grpc.channel_ready_future(channel).result(timeout=60)
+    return proc, rpc.ControllerStub(channel)
 
 
 def main() -> int:
@@ -77,6 +107,7 @@ def main() -> int:
     r = c.rados(user=c.csi_user)
     io = r.open_ioctx(c.pool)
     features = _feature_bits(FEATURE_NAMES)
+    floor_proc, floor_ctl = start_floor(work, c, features)
     try:
         ctl = client.controller
         for i in range(5):  # warm up connections on both paths
@@ -84,6 +115,8 @@ def main() -> int:
             ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id), timeout=60)
             rbd.RBD().create(io, f"raw-warm-{i}", SIZE, features=features)
             rbd.RBD().remove(io, f"raw-warm-{i}")
+            floor_ctl.DeleteVolume(pb.DeleteVolumeRequest(
+                volume_id=floor_ctl.CreateVolume(create_req(f"warm-{i}"), timeout=60).volume.volume_id), timeout=60)
 
         rss = {"at start": at_start, "idle, after warm-up": rss_mib(server.proc.pid)}
         floor = []
@@ -114,8 +147,14 @@ def main() -> int:
         def backend_delete(local_id: str) -> None:
             backend.delete_volume(local_id, {})
 
+        def floor_create(nm: str) -> str:
+            return floor_ctl.CreateVolume(create_req(nm), timeout=120).volume.volume_id
+
+        def floor_delete(vid: str) -> None:
+            floor_ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid), timeout=120)
+
         paths = {"gRPC": (grpc_create, grpc_delete), "raw": (raw_create, raw_delete),
-                 "backend": (backend_create, backend_delete)}
+                 "backend": (backend_create, backend_delete), "floor": (floor_create, floor_delete)}
         order = list(paths)
         lat: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in paths}
         # Blocks of BLOCK pairs per path, the order of the paths rotated from block to block. Why blocks: a process
@@ -125,7 +164,8 @@ def main() -> int:
         # block every path runs warm; rotating the blocks spreads the cluster's drift over all of them.
         done = 0
         while done < a.iterations:
-            blk = order[(done // BLOCK) % 3:] + order[:(done // BLOCK) % 3]
+            turn = (done // BLOCK) % len(order)
+            blk = order[turn:] + order[:turn]
             count = min(BLOCK, a.iterations - done)
             for label in blk:
                 make, drop = paths[label]
@@ -145,10 +185,12 @@ def main() -> int:
               f"in blocks of {BLOCK}, paths rotated per block (ms):")
         print(f"{'':18}{'p50':>8}{'p95':>8}")
         for label, xs in (("gRPC CreateVolume", lat["gRPC"][0]), ("raw rbd create", lat["raw"][0]),
-                          ("backend create", lat["backend"][0]), ("gRPC DeleteVolume", lat["gRPC"][1]),
-                          ("raw rbd remove", lat["raw"][1]), ("backend delete", lat["backend"][1])):
+                          ("backend create", lat["backend"][0]), ("floor create", lat["floor"][0]),
+                          ("gRPC DeleteVolume", lat["gRPC"][1]), ("raw rbd remove", lat["raw"][1]),
+                          ("backend delete", lat["backend"][1]), ("floor delete", lat["floor"][1])):
             print(f"{label:18}{pct(xs, 50) * 1e3:8.2f}{pct(xs, 95) * 1e3:8.2f}")
-        print("(backend = RbdBackend called in this process, no gRPC: the driver's own librbd work)")
+        print("(backend = RbdBackend called in this process, no gRPC: the driver's own librbd work; floor = a bare "
+              "grpcio server calling RBD().create/remove, bench/floor_server.py)")
         print(f"{'gRPC Probe (floor)':18}{pct(floor, 50) * 1e3:8.2f}{pct(floor, 95) * 1e3:8.2f}")
         g_create, g_delete = lat["gRPC"]
         r_create, r_delete = lat["raw"]
@@ -156,14 +198,37 @@ def main() -> int:
               f"{pct(g_create, 95) / pct(r_create, 95):.2f}   (goal p50 <= 1.25)")
         print(f"ratio delete p50 {pct(g_delete, 50) / pct(r_delete, 50):.2f}  p95 "
               f"{pct(g_delete, 95) / pct(r_delete, 95):.2f}")
+        f_create = lat["floor"][0]
+        print(f"create p50: floor / raw {pct(f_create, 50) / pct(r_create, 50):.2f} (any Python gRPC server), "
+              f"Tessera / floor {pct(g_create, 50) / pct(f_create, 50):.2f} (what Tessera adds)")
+
+        # Cluster work: the OSDs' op counter around COUNTED sequential calls per path. The admin connection that
+        # reads the counter talks to the OSDs only through `perf dump` (no op), and no other client is busy.
+        admin = c.rados()
+        try:
+            counted: dict[str, tuple[float, float]] = {}
+            for label, (make, drop) in paths.items():
+                before = osd_ops(admin)
+                objs = [make(f"ops-{uuid.uuid4().hex[:12]}") for _ in range(COUNTED)]
+                mid = osd_ops(admin)
+                for obj in objs:
+                    drop(obj)
+                counted[label] = ((mid - before) / COUNTED, (osd_ops(admin) - mid) / COUNTED)
+        finally:
+            admin.shutdown()
+        print(f"\nOSD operations per call ({COUNTED} sequential calls per path, osd.op perf counter):")
+        print(f"{'':10}{'create':>8}{'delete':>8}")
+        for label, (per_create, per_delete) in counted.items():
+            print(f"{label:10}{per_create:8.1f}{per_delete:8.1f}")
 
         # Throughput: the memstore OSD's speed drifts by ±30 % between batches of 500 (seen here), so one batch
         # per path says little. Rounds alternate the paths and the median round of each is compared.
         n, k = a.concurrent, a.callers
-        rates: dict[str, tuple[list[float], list[float]]] = {k2: ([], []) for k2 in ("gRPC", "raw")}
+        contenders = ["gRPC", "raw", "floor"]
+        rates: dict[str, tuple[list[float], list[float]]] = {k2: ([], []) for k2 in contenders}
         with ThreadPoolExecutor(k) as ex:
             for rnd in range(a.rounds):
-                for label in (("gRPC", "raw") if rnd % 2 == 0 else ("raw", "gRPC")):
+                for label in contenders[rnd % 3:] + contenders[:rnd % 3]:
                     make, drop = paths[label]
                     names = [f"tp-{uuid.uuid4().hex[:12]}" for _ in range(n)]
                     s = time.perf_counter()
@@ -178,18 +243,23 @@ def main() -> int:
         rss["idle 5 s later"] = rss_mib(server.proc.pid)
         print(f"\n{load()}")
         med = {k2: (statistics.median(v[0]), statistics.median(v[1])) for k2, v in rates.items()}
-        print(f"\nthroughput, {n} volumes, {k} concurrent callers, median of {a.rounds} alternating rounds "
+        print(f"\nthroughput, {n} volumes, {k} concurrent callers, median of {a.rounds} rotating rounds "
               "(volumes/s):")
         for i, (what, raw_what) in enumerate((("CreateVolume", "create"), ("DeleteVolume", "remove"))):
             spread = ", ".join(f"{x:.0f}" for x in rates["gRPC"][i])
             rspread = ", ".join(f"{x:.0f}" for x in rates["raw"][i])
             print(f"gRPC {what} {med['gRPC'][i]:8.1f} [{spread}]   raw rbd {raw_what} {med['raw'][i]:8.1f} "
                   f"[{rspread}]   ratio {med['gRPC'][i] / med['raw'][i]:.2f}" + ("  (goal >= 0.8)" if i == 0 else ""))
+            fspread = ", ".join(f"{x:.0f}" for x in rates["floor"][i])
+            print(f"     floor {med['floor'][i]:8.1f} [{fspread}]   floor / raw {med['floor'][i] / med['raw'][i]:.2f}, "
+                  f"Tessera / floor {med['gRPC'][i] / med['floor'][i]:.2f}")
         print(f"\ncontroller RSS (MiB, MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')} in the "
               f"bench's environment): " + ", ".join(f"{k} {v:.1f}" for k, v in rss.items()) + f"   {load()}")
-        left = [x for x in rbd.RBD().list(io) if x.startswith(("tessera-vol-", "raw-"))]
+        left = [x for x in rbd.RBD().list(io) if x.startswith(("tessera-vol-", "raw-", "floor-", "inproc-"))]
         print(f"images left behind: {len(left)}")
     finally:
+        floor_proc.terminate()
+        floor_proc.wait(30)
         io.close()
         r.shutdown()
         client.close()
