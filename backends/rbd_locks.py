@@ -7,12 +7,13 @@ RBD backend's own state lives in the pool, so its locks live there too: one smal
 
 - A lock is exclusive (the operation writes the image: create, delete, expand) or shared (it reads it as a clone
   or snapshot source; several snapshots of one volume may run together).
-- Every lock carries a lease (`duration`). A background thread renews all leases of an operation every third of
-  the lease, with cls_lock's MUST_RENEW flag, so a live holder's lock never lapses while a crashed holder's lock
+- Every lock carries a lease (`duration`). One background thread per backend renews each operation's leases every
+  third of the lease, with cls_lock's MUST_RENEW flag, so a live holder's lock never lapses while a crashed holder's lock
   expires by itself after one lease (plus the OSD's second granularity). A renewal that finds the lock gone logs
   an error: the operation outlived its lease (a stalled process) and may have raced.
 - Taking locks never waits: the first busy key raises `Aborted` naming the holder (the operation and its process,
-  stored as the lock description and in an xattr on the lock object, which plain `rados` tools can read).
+  stored as the lock description and in an xattr on the lock object, which plain `rados` tools can read). The lock
+  and the xattr are one OSD operation: a lock costs one round trip to take and one to give back.
 - Cookies are unique per acquisition (process id + counter), so two threads of one process also exclude each other.
 
 `RadosLockProvider` plugs this into the controller's operation lock table (`csi/locks.py`, `backends/locking.py`):
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -67,8 +69,22 @@ class LockKey:
     shared: bool = False
 
 
+def _string(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack("<I", len(raw)) + raw
+
+
+def lock_request(name: str, cookie: str, description: str, duration: int, shared: bool, flags: int = 0) -> bytes:
+    """The input of cls_lock's `lock` method (cls_lock_lock_op, encoding version 1): lock name, type (1 exclusive,
+    2 shared), cookie, tag, description, duration (utime_t: seconds, nanoseconds), flags. Encoded here so that the
+    lock and the holder's record go to the OSD as one operation (librados' lock call cannot carry a second step)."""
+    body = (_string(name) + struct.pack("<B", 2 if shared else 1) + _string(cookie)
+            + _string(SHARED_TAG if shared else "") + _string(description) + struct.pack("<IIB", duration, 0, flags))
+    return struct.pack("<BBI", 1, 1, len(body)) + body
+
+
 class Lease:
-    """The locks of one running operation; renewed in the background until `release`."""
+    """The locks of one running operation; renewed by its factory's renewer thread until `release`."""
 
     def __init__(self, io: Any, keys: Sequence[LockKey], operation: Operation, duration: int, backend: str) -> None:
         self.io = io
@@ -81,19 +97,21 @@ class Lease:
         self.held: list[LockKey] = []
         self.lost = False
         self.renewed_at = 0.0
+        self.released = False
         self._forget: set[str] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()  # a renewal and the release never overlap
 
     # ---- one lock ---------------------------------------------------------------------------------------
-    def _lock(self, k: LockKey, flags: int = 0) -> None:
-        obj = OBJECT_PREFIX + k.key
-        if k.shared:
-            self.io.lock_shared(obj, LOCK_NAME, self.cookie, SHARED_TAG, desc=self.description,
-                                duration=self.duration, flags=flags)
-        else:
-            self.io.lock_exclusive(obj, LOCK_NAME, self.cookie, desc=self.description, duration=self.duration,
-                                   flags=flags)
+    def _lock(self, k: LockKey, flags: int = 0, record: bool = False) -> None:
+        """Lock `k` with this lease's cookie in one OSD operation; with `record`, the same operation stores the
+        holder's record (an xattr that plain `rados` tools can read), so a busy lock writes nothing."""
+        import rados
+        with rados.WriteOpCtx() as op:
+            op.execute("lock", "lock", lock_request(LOCK_NAME, self.cookie, self.description, self.duration,
+                                                    k.shared, flags))
+            if record:
+                op.set_xattr(HOLDER_XATTR, self.record)
+            self.io.operate_write_op(op, OBJECT_PREFIX + k.key)
 
     def _holder(self, k: LockKey) -> tuple[str, str]:
         """(the holding operation with its process, its RPC name) as the holder recorded them."""
@@ -108,7 +126,7 @@ class Lease:
         started = time.monotonic()
         for k in sorted(self.keys, key=lambda k: k.key):
             try:
-                self._lock(k)
+                self._lock(k, record=True)
             except (rados.ObjectBusy, rados.ObjectExists):
                 holder, rpc = self._holder(k)
                 self.release()
@@ -118,16 +136,21 @@ class Lease:
                 self.release()
                 raise
             self.held.append(k)
-            with contextlib.suppress(Exception):
-                self.io.set_xattr(OBJECT_PREFIX + k.key, HOLDER_XATTR, self.record)
         self.renewed_at = started
-        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.cookie}", daemon=True)
-        self._thread.start()
 
-    def _renew_loop(self) -> None:
+    @property
+    def interval(self) -> float:
+        return max(0.5, self.duration / 3)
+
+    def due(self, now: float) -> bool:
+        return now - self.renewed_at >= self.interval
+
+    def renew(self) -> None:
+        """Renew every held lock (cls_lock MUST_RENEW: only while this cookie still holds it)."""
         import rados
-        interval = max(0.5, self.duration / 3)
-        while not self._stop.wait(interval):
+        with self._mutex:
+            if self.released:
+                return
             started = time.monotonic()
             ok = True
             for k in list(self.held):
@@ -153,10 +176,9 @@ class Lease:
         self._forget.add(key)
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
         import rados
+        with self._mutex:
+            self.released = True
         # Removing the object also drops our lock; only safe while the lease is certainly ours (fresh renewal).
         fresh = not self.lost and time.monotonic() - self.renewed_at < self.duration / 2
         for k in reversed(self.held):
@@ -173,12 +195,51 @@ class Lease:
         self.held = []
 
 
+class _Renewer:
+    """One thread per backend that renews every live lease when it falls due. Why not a thread per operation:
+    starting it and joining it at release cost more than the lock itself on a busy controller (a wake-up of the
+    joined thread per RPC); one sleeper serves them all."""
+
+    def __init__(self, name: str, interval: float) -> None:
+        self.name = name
+        self.interval = interval  # every lease of a backend has the same term: due `interval` after its last renewal
+        self.leases: set[Lease] = set()
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def add(self, lease: Lease) -> None:
+        with self.cond:
+            self.leases.add(lease)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name=f"lease-renewer-{self.name}", daemon=True)
+                self.thread.start()
+
+    def discard(self, lease: Lease) -> None:
+        with self.cond:
+            self.leases.discard(lease)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                now = time.monotonic()
+                due = [x for x in self.leases if x.due(now)]
+                if not due:
+                    # Nobody is woken when a lease is added (no wake-up per RPC): a lease added during this wait
+                    # falls due at the earliest `interval` after it began, so the next look is soon enough.
+                    wait = min((self.interval - (now - x.renewed_at) for x in self.leases), default=self.interval)
+                    self.cond.wait(max(0.05, wait))
+                    continue
+            for lease in due:
+                lease.renew()
+
+
 class LeaseLocks:
     """Factory of leases for one backend."""
 
     def __init__(self, backend: str, duration: int) -> None:
         self.backend = backend
         self.duration = max(1, int(duration))
+        self.renewer = _Renewer(backend, max(0.5, self.duration / 3))
 
     @contextlib.contextmanager
     def hold(self, io: Any, keys: Sequence[LockKey], operation: Operation) -> Iterator[Lease]:
@@ -186,9 +247,11 @@ class LeaseLocks:
         duration of the block, renewing the leases meanwhile."""
         lease = Lease(io, keys, operation, self.duration, self.backend)
         lease.acquire()
+        self.renewer.add(lease)
         try:
             yield lease
         finally:
+            self.renewer.discard(lease)
             lease.release()
 
 
