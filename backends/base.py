@@ -244,6 +244,14 @@ class Backend(abc.ABC):
         instead of making a second volume. None when there is none (the default: the backend cannot tell)."""
         return None
 
+    def find_elsewhere(self, name: str, parameters: Mapping[str, str],
+                       secrets: Mapping[str, str]) -> Optional[Volume]:
+        """`find_by_name`, minus the one place a create of `name` with `parameters` uses: that place the create
+        looks at itself (and returns what it finds there), so the controller's check before a create in this
+        backend costs no second lookup of it. The default suits a backend with one place per name: nothing else
+        to search."""
+        return None
+
     # ---- controller ---------------------------------------------------------------------------------------
     @abc.abstractmethod
     def create_volume(self, spec: CreateVolumeSpec) -> Volume:

@@ -421,12 +421,23 @@ class RbdBackend(Backend):
     def find_by_name(self, name: str, secrets: Mapping[str, str]) -> Optional[Volume]:
         """The committed volume of `name` in any pool it could have gone to (`_candidate_pools`): one stat of the
         image's id object per pool. Pools the user may not read are skipped unless configured."""
+        return self._find_in_pools(name, secrets, skip=None)
+
+    def find_elsewhere(self, name: str, parameters: Mapping[str, str],
+                       secrets: Mapping[str, str]) -> Optional[Volume]:
+        """Every candidate pool but the one `parameters` name (the create's fast path meets an image there as
+        ImageExists). With one pool in use that is no lookup at all: one round trip less per create."""
+        return self._find_in_pools(name, secrets, skip=parameters.get("pool", self.options.pool))
+
+    def _find_in_pools(self, name: str, secrets: Mapping[str, str], skip: Optional[str]) -> Optional[Volume]:
         import rados
         if not self._has_own_credentials() and not (secrets and secrets.get(SECRET_KEY)):
             return None  # no credentials to look with (this request is for another backend)
         image = self._image_for_name("volume", name)
         conn = self._conn(secrets)
         for pool, known in self._candidate_pools(conn):
+            if pool == skip:
+                continue
             try:
                 with self._ceph(f"look for volume {name!r} in pool {pool}", conn):
                     try:

@@ -56,6 +56,11 @@ def check_capabilities(backend: Backend, caps: Sequence[CapabilitySpec]) -> Opti
     return None
 
 
+def _differing(have: Mapping[str, str], asked: Mapping[str, str]) -> str:
+    """The parameter names whose values differ between a volume and a request, for the person reading the error."""
+    return ", ".join(sorted(k for k in set(have) | set(asked) if have.get(k) != asked.get(k)))
+
+
 def encode_token(last_id: str) -> str:
     return _TOKEN_PREFIX + base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
 
@@ -188,7 +193,8 @@ class ControllerOps:
         if (vol.source or None) != content:
             raise AlreadyExists(f"volume {name!r} already exists with a different content source")
         if vol.parameters != params:
-            raise AlreadyExists(f"volume {name!r} already exists with different parameters")
+            raise AlreadyExists(f"volume {name!r} already exists as {make_id(backend.name, vol.local_id)} with "
+                                f"different parameters ({_differing(vol.parameters, params)})")
         return make_id(backend.name, vol.local_id), vol
 
     def _refuse_elsewhere(self, name: str, backend: Backend, params: Mapping[str, str],
@@ -198,7 +204,8 @@ class ControllerOps:
         cannot be asked right now is skipped with a warning: one unreachable storage must not stop every create."""
         for b in self.backends:
             try:
-                found = b.find_by_name(name, secrets)
+                # the request's own backend is not asked where this create goes: the create looks there itself
+                found = b.find_elsewhere(name, params, secrets) if b is backend else b.find_by_name(name, secrets)
             except (BackendUnavailable, PermissionDenied, DeadlineExceeded) as e:
                 if b is backend:
                     raise
@@ -211,10 +218,8 @@ class ControllerOps:
                 raise AlreadyExists(f"volume {name!r} already exists in backend {b.name!r} ({where}); this request "
                                     f"asks for backend {backend.name!r}")
             if found.parameters != dict(params):
-                keys = sorted(k for k in set(found.parameters) | set(params)
-                              if found.parameters.get(k) != params.get(k))
                 raise AlreadyExists(f"volume {name!r} already exists as {where} with different parameters "
-                                    f"({', '.join(keys)})")
+                                    f"({_differing(found.parameters, params)})")
 
     def _size(self, backend: Backend, required: int, limit: int, parameters: Mapping[str, str] = {}) -> int:
         unit = backend.allocation_unit()
