@@ -13,7 +13,8 @@ RBD backend's own state lives in the pool, so its locks live there too: one smal
   an error: the operation outlived its lease (a stalled process) and may have raced.
 - Taking locks never waits: the first busy key raises `Aborted` naming the holder (the operation and its process,
   stored as the lock description and in an xattr on the lock object, which plain `rados` tools can read). The lock
-  and the xattr are one OSD operation: a lock costs one round trip to take and one to give back.
+  and the xattr are one OSD operation: a lock costs one round trip to take; giving it back is sent without waiting
+  for the answer (`Lease.release`).
 - Cookies are unique per acquisition (process id + counter), so two threads of one process also exclude each other.
 
 `RadosLockProvider` plugs this into the controller's operation lock table (`csi/locks.py`, `backends/locking.py`):
@@ -23,7 +24,9 @@ object; other keys (request names) map to a hash, as names may hold any characte
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -83,11 +86,19 @@ def lock_request(name: str, cookie: str, description: str, duration: int, shared
     return struct.pack("<BBI", 1, 1, len(body)) + body
 
 
+def unlock_request(name: str, cookie: str) -> bytes:
+    """The input of cls_lock's `unlock` method (cls_lock_unlock_op, encoding version 1): lock name, cookie."""
+    body = _string(name) + _string(cookie)
+    return struct.pack("<BBI", 1, 1, len(body)) + body
+
+
 class Lease:
     """The locks of one running operation; renewed by its factory's renewer thread until `release`."""
 
-    def __init__(self, io: Any, keys: Sequence[LockKey], operation: Operation, duration: int, backend: str) -> None:
+    def __init__(self, io: Any, keys: Sequence[LockKey], operation: Operation, duration: int, backend: str,
+                 releases: "_Releases | None" = None) -> None:
         self.io = io
+        self.releases = releases if releases is not None else _Releases()
         self.keys = list(keys)
         self.description = f"{operation} ({PROCESS})"
         self.record = json.dumps({"operation": str(operation), "rpc": operation.rpc, "process": PROCESS}).encode()
@@ -176,7 +187,12 @@ class Lease:
         self._forget.add(key)
 
     def release(self) -> None:
-        import rados
+        """Give every lock back without waiting for the OSD's answer: the RPC's reply does not wait one more round
+        trip. This process's next operation on the same lock object is ordered after the release (RADOS orders
+        one client's operations on one object); another replica that comes within that round trip meets the lock
+        still held (ABORTED, retry), and a release that fails or never leaves (a crash) lapses with the lease.
+        No completion callback: a Python callback run by librados while the interpreter exits aborts the process;
+        the answers are read by the next release instead (`_Releases`)."""
         with self._mutex:
             self.released = True
         # Removing the object also drops our lock; only safe while the lease is certainly ours (fresh renewal).
@@ -185,14 +201,33 @@ class Lease:
             obj = OBJECT_PREFIX + k.key
             try:
                 if k.key in self._forget and not k.shared and fresh:
-                    self.io.remove_object(obj)
+                    sent = self.io.aio_remove(obj)
                 else:
-                    self.io.unlock(obj, LOCK_NAME, self.cookie)
-            except rados.ObjectNotFound:
-                pass
+                    sent = self.io.aio_execute(obj, "lock", "unlock", unlock_request(LOCK_NAME, self.cookie))
             except Exception as e:  # noqa: BLE001 - the lease runs out by itself
                 log.warning("releasing the lock on %s failed (it lapses after %d s): %s", k.label, self.duration, e)
+                continue
+            self.releases.add(k.label, sent, self.duration)
         self.held = []
+
+
+class _Releases:
+    """Releases sent and not yet answered. Each new release first reads the answers that have come (a failed one
+    is logged: its lock lapses with its lease), so the list holds only what is in flight."""
+
+    def __init__(self) -> None:
+        self.sent: collections.deque[tuple[str, Any, int]] = collections.deque()
+        self.mutex = threading.Lock()
+
+    def add(self, label: str, completion: Any, duration: int) -> None:
+        with self.mutex:
+            while self.sent and self.sent[0][1].is_complete():
+                what, done, term = self.sent.popleft()
+                rc = done.get_return_value()
+                if rc < 0 and rc != -errno.ENOENT:
+                    log.warning("releasing the lock on %s failed (it lapses after %d s): %s", what, term,
+                                os.strerror(-rc))
+            self.sent.append((label, completion, duration))
 
 
 class _Renewer:
@@ -240,12 +275,13 @@ class LeaseLocks:
         self.backend = backend
         self.duration = max(1, int(duration))
         self.renewer = _Renewer(backend, max(0.5, self.duration / 3))
+        self.releases = _Releases()
 
     @contextlib.contextmanager
     def hold(self, io: Any, keys: Sequence[LockKey], operation: Operation) -> Iterator[Lease]:
         """Lock every key (all or none; LockConflict (Aborted) naming the holder of the first busy one) for the
         duration of the block, renewing the leases meanwhile."""
-        lease = Lease(io, keys, operation, self.duration, self.backend)
+        lease = Lease(io, keys, operation, self.duration, self.backend, self.releases)
         lease.acquire()
         self.renewer.add(lease)
         try:

@@ -288,9 +288,15 @@ def test_two_replicas_racing_on_shared_names_and_volumes(ceph_cluster, tmp_path,
         ours_all = set(expected) | {_image(x) for x in bases + list(snap_ids.values())}
         left = [i for i in _images(admin_io) if i in ours_all]
         assert left == [], f"images left after every delete returned OK: {left}"
-        # and the replicas' lock objects went with what they locked
-        locks = [o.key for o in admin_io.list_objects() if o.key.startswith("tessera-lock.img.")
-                 and o.key[len("tessera-lock.img."):] in ours_all]
+        # and the replicas' lock objects went with what they locked (a replica sends the last removal without
+        # waiting for it, so it may land just after the reply: bounded wait, not a speed assertion)
+        deadline = time.monotonic() + 30
+        while True:
+            locks = [o.key for o in admin_io.list_objects() if o.key.startswith("tessera-lock.img.")
+                     and o.key[len("tessera-lock.img."):] in ours_all]
+            if not locks or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert locks == [], f"lock objects left behind: {locks}"
     finally:
         for c in clients:
