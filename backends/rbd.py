@@ -54,7 +54,7 @@ from .errors import (Aborted, AlreadyExists, BackendUnavailable, CapacityExceede
                      Internal, InUse, InvalidArgument, NotFound, OutOfRange, PermissionDenied, TesseraError)
 from .locking import Claim, LockProvider, Operation
 from .rbd_flatten import RETRY, BackgroundJobs
-from . import io_limits, rbd_header, rbd_publish
+from . import io_limits, rbd_publish, rbd_records
 from .rbd_qos import QOS_PARAMETERS, context_note, from_metadata, metadata_key
 from .rbd_locks import LeaseLocks, RadosLockProvider
 from .errors import listing, shown
@@ -452,7 +452,7 @@ class RbdBackend(Backend):
                     if img is None:
                         continue
                     with img:
-                        meta = self._meta(img)
+                        meta = self._meta(io, img)
                         if "name" in meta:
                             return self._volume_of(pool, image, img, meta)
             except PermissionDenied:
@@ -626,24 +626,23 @@ class RbdBackend(Backend):
         return pool, image
 
     @staticmethod
-    def _meta(image: Any) -> dict[str, str]:
-        """The image's own `tessera.*` metadata (prefix dropped), plus its QoS overrides under their own
-        `conf_rbd_qos_*` names (backends/rbd_qos.py): one metadata read serves both.
+    def _meta(io: Any, image: Any) -> dict[str, str]:
+        """The open image's Tessera records (backends/rbd_records.py, prefix dropped), plus its QoS overrides under
+        their own `conf_rbd_qos_*` names (backends/rbd_qos.py), which librbd keeps in the header's metadata. The
+        two reads travel together: one round trip.
 
-        librbd's clone copies the parent's metadata into the child. Until the child's own commit (`_commit`)
-        rewrites them, the copied `tessera.*` keys describe the parent, and the commit's `image` key then names
-        the parent: such keys count as none, so a clone interrupted before its commit is seen as unfinished."""
-        pairs = dict(image.metadata_list())
-        out = RbdBackend._own({k[len(META):]: v for k, v in pairs.items() if k.startswith(META)}, image.get_name())
+        An image committed before the records moved to the id object has them in that same header metadata; they
+        count while the id object holds no commit (`rbd_records.merged`; a clone's copy of its parent's header
+        metadata names the parent in `image` and counts as none, so a clone interrupted before its commit is seen
+        as unfinished)."""
+        name = image.get_name()
+        with rbd_records.reading(io, name) as pending:
+            pairs = dict(image.metadata_list())
+            mine = pending.result()
+        header = rbd_records.own({k[len(META):]: v for k, v in pairs.items() if k.startswith(META)}, name)
+        out = rbd_records.merged(mine, header)
         out.update((metadata_key(k), v) for k, v in from_metadata(pairs).items())
         return out
-
-    @staticmethod
-    def _own(meta: dict[str, str], image: str) -> dict[str, str]:
-        """`meta` (an image's `tessera.*` metadata, prefix dropped) when it is that image's own, else {} (copied from
-        the parent by a clone whose commit has not happened; see `_meta`). Images committed before the `image`
-        key existed carry no such key and count as their own."""
-        return meta if meta.get("image", image) == image else {}
 
     def _open(self, conn: _Conn, pool: str, image: str, read_only: bool = True) -> Optional[Any]:
         """An open image, or None when it does not exist."""
@@ -956,7 +955,7 @@ class RbdBackend(Backend):
                 rbd.RBD().remove(conn.ioctx(pool), name)
             return None
         with img:
-            meta = self._meta(img)
+            meta = self._meta(conn.ioctx(pool), img)
             if "name" in meta:
                 return self._volume_of(pool, name, img, meta)
             if reuse is not None and img.size() == reuse[0] and img.features() == reuse[1]:
@@ -1015,7 +1014,7 @@ class RbdBackend(Backend):
             prefix = SNAP_PREFIX if spec.source.kind == "snapshot" else VOL_PREFIX
             parsed = self._split(spec.source.local_id, prefix)
             src = self._open(conn, *parsed) if parsed else None
-            if src is None or "name" not in self._meta(src):
+            if src is None or "name" not in self._meta(conn.ioctx(parsed[0]), src):
                 if src is not None:
                     src.close()
                 raise NotFound(f"source {spec.source.kind} {self.name}:{spec.source.local_id} does not exist")
@@ -1041,28 +1040,24 @@ class RbdBackend(Backend):
             with rbd.Image(io, name, read_only=size <= src_size) as img:  # one handle on the new image
                 if size > src_size:
                     img.resize(size)
-                self._commit(io, name, meta, clone=True)
-                volume = self._volume_of(pool, name, img, self._meta(img))
+                self._commit(io, name, meta)
+                volume = self._volume_of(pool, name, img, self._meta(io, img))
             if self._deep(depth):
                 self._queue_flatten(spec.secrets, pool, name)  # usable meanwhile: reads go through the chain
             return volume
 
     @staticmethod
-    def _commit(io: Any, name: str, meta: Mapping[str, str], clone: bool = False) -> None:
-        """Write all `tessera.*` metadata of a new image in one atomic step, the commit point of a create, with
-        `image` = its own name (see `_meta`). A clone (`clone`) also drops in that same step every `tessera.*` key
-        librbd copied from its parent (the parent's publications, group, depth...): one read more.
+    def _commit(io: Any, name: str, meta: Mapping[str, str]) -> None:
+        """Write all Tessera records of a new image in one atomic step, the commit point of a create, with `image`
+        = its own name: one OSD operation on the image's id object (backends/rbd_records.py), no read first.
 
         Why not Image.metadata_set: opening an image (header read, watch, exclusive-lock acquisition) costs more
-        than the create itself. The image is brand new and unseen, so the driver writes its header directly
-        (backends/rbd_header.py): one OSD op, all keys at once (what librbd stores, minus the lock)."""
-        header = rbd_header.header_object(io, name)
-        if header is None:
-            raise Aborted(f"image {name} vanished before its create committed (removed meanwhile); retry")
-        own = {META + k: v for k, v in meta.items()}
-        own[META + "image"] = name
-        stale = [META + k for k in rbd_header.read_meta(io, header, META) if META + k not in own] if clone else []
-        rbd_header.write_meta(io, header, own, stale)
+        than the create itself; and the header's metadata can only be written after reading the image's id."""
+        import rados
+        try:
+            rbd_records.write(io, name, {**meta, "image": name})
+        except rados.ObjectNotFound:
+            raise Aborted(f"image {name} vanished before its create committed (removed meanwhile); retry") from None
 
     def delete_volume(self, local_id: str, secrets: Mapping[str, str]) -> None:
         parsed = self._split(local_id, VOL_PREFIX)
@@ -1087,7 +1082,7 @@ class RbdBackend(Backend):
             if img is None:
                 raise NotFound(f"volume {self.name}:{local_id} does not exist")
             with img:
-                meta = self._meta(img)
+                meta = self._meta(conn.ioctx(parsed[0]), img)
                 if "name" not in meta:
                     raise NotFound(f"volume {self.name}:{local_id} does not exist (unfinished create)")
                 return self._volume_of(parsed[0], parsed[1], img, meta)
@@ -1140,7 +1135,7 @@ class RbdBackend(Backend):
                 if img is None:
                     continue  # deleted since the listing
                 with img:
-                    meta = self._meta(img)
+                    meta = self._meta(conn.ioctx(pool), img)
                     if "name" not in meta:
                         continue  # a create before its commit point
                     item = build(conn, pool, n, img, meta)
@@ -1220,7 +1215,7 @@ class RbdBackend(Backend):
                     if img is None:
                         continue
                     with img:
-                        if "name" not in self._meta(img):
+                        if "name" not in self._meta(conn.ioctx(pool), img):
                             out.append(Orphan(f"{pool}/{n}", "image without Tessera's request metadata: a create "
                                                              "that stopped before its commit point (a retry of "
                                                              "that create redoes it), or made by hand"))
@@ -1275,13 +1270,13 @@ class RbdBackend(Backend):
             except rbd.ImageNotFound:
                 raise NotFound(f"volume {self.name}:{local_id} does not exist") from None
             with img:
-                meta = self._meta(img)
+                meta = self._meta(conn.ioctx(parsed[0]), img)
                 if "name" not in meta:
                     raise NotFound(f"volume {self.name}:{local_id} does not exist (unfinished create)")
                 for key, value in sorted(changes.items()):
                     if meta.get(metadata_key(key)) != value:
                         img.metadata_set(metadata_key(key), value)
-                return self._volume_of(parsed[0], parsed[1], img, self._meta(img))
+                return self._volume_of(parsed[0], parsed[1], img, self._meta(conn.ioctx(parsed[0]), img))
 
     # ---- snapshots ----------------------------------------------------------------------------------------
     def create_snapshot(self, source_local_id: str, name: str, parameters: Mapping[str, str],
@@ -1300,7 +1295,7 @@ class RbdBackend(Backend):
             img = self._open(conn, pool, sname)
             if img is not None:
                 with img:
-                    meta = self._meta(img)
+                    meta = self._meta(conn.ioctx(pool), img)
                     if "name" in meta:
                         ready = self._snap_ready(conn, img, meta)
                         if not ready:
@@ -1311,7 +1306,7 @@ class RbdBackend(Backend):
             if src is None:
                 raise NotFound(f"source volume {self.name}:{source_local_id} does not exist")
             with src:
-                if "name" not in self._meta(src):
+                if "name" not in self._meta(conn.ioctx(pool), src):
                     raise NotFound(f"source volume {self.name}:{source_local_id} does not exist")
                 features = src.features() & _feature_bits(FEATURE_NAMES)
                 data_pool_id = src.data_pool_id()
@@ -1322,13 +1317,12 @@ class RbdBackend(Backend):
             self._clone(conn, pool, parsed[1], pool, sname, features, data_pool, (None, None), f"create {what}",
                         secrets)
             self._commit(conn.ioctx(pool), sname, {"kind": "snapshot", "source_volume": source_local_id,
-                                                    "created": repr(time.time()), "name": name, "depth": str(depth)},
-                         clone=True)
+                                                    "created": repr(time.time()), "name": name, "depth": str(depth)})
             deep = self._deep(depth)
             if deep:  # ready_to_use=false until the background flatten makes it self-contained
                 self._queue_flatten(secrets, pool, sname)
             with rbd.Image(conn.ioctx(pool), sname, read_only=True) as s:
-                return self._snapshot_of(pool, sname, s, self._meta(s), not deep)
+                return self._snapshot_of(pool, sname, s, self._meta(conn.ioctx(pool), s), not deep)
 
     def delete_snapshot(self, local_id: str, secrets: Mapping[str, str]) -> None:
         parsed = self._split(local_id, SNAP_PREFIX)
@@ -1353,7 +1347,7 @@ class RbdBackend(Backend):
             if img is None:
                 raise NotFound(f"snapshot {self.name}:{local_id} does not exist")
             with img:
-                meta = self._meta(img)
+                meta = self._meta(conn.ioctx(parsed[0]), img)
                 if "name" not in meta:
                     raise NotFound(f"snapshot {self.name}:{local_id} does not exist (unfinished create)")
                 ready = self._snap_ready(conn, img, meta)

@@ -6,15 +6,15 @@ instant of the write stream — the crash consistency the spec asks for. The mem
 so a temporary group (`tessera-tmpgroup-<uuid>`) holds them for the cut and is removed afterwards.
 
 Each member then becomes an ordinary Tessera snapshot image (`tessera-snap-<uuid>` in its source's pool, with the
-usual `tessera.*` metadata plus `group`), so CreateVolume, ListSnapshots and GetSnapshot treat it like any other.
+usual Tessera records, backends/rbd_records.py, plus `group`), so CreateVolume, ListSnapshots and GetSnapshot treat it like any other.
 On pacific, librbd clones only from snapshots in the user namespace and a group snapshot's per-image snapshots are
 in the group namespace, so the member is a deep copy of the image *at the group snapshot* (opened by snapshot id),
 made under a temporary name, stripped of the metadata the copy carried over and renamed into place. A cluster
 whose librbd clones by snapshot id (reef) could clone instead: planned, not built.
 
 Records: `tessera_group.<uuid>` in the backend's default pool holds the group (name, parameters, creation time,
-members) and is the commit point, written after every member image exists and before their metadata is. A retry
-after a crash: with the record, commit what members still lack their metadata and drop the temporary group
+members) and is the commit point, written after every member image exists and before their own records are. A retry
+after a crash: with the record, commit what members still lack their records and drop the temporary group
 (completes); without it, remove leftover member images and the temporary group and cut the group again (cleans up).
 A delete removes the members first and the record last.
 """
@@ -136,7 +136,7 @@ def _cut(backend: "RbdBackend", conn: "_Conn", io: Any, name: str, guuid: str,
         if img is None:
             raise NotFound(f"source volume {backend.name}:{src} does not exist")
         with img:
-            if "name" not in backend._meta(img):
+            if "name" not in backend._meta(conn.ioctx(pool), img):
                 raise NotFound(f"source volume {backend.name}:{src} does not exist")
             if not img.features() & rbd.RBD_FEATURE_EXCLUSIVE_LOCK:
                 raise FailedPrecondition(f"source volume {backend.name}:{src} has no exclusive-lock feature: librbd "
@@ -184,7 +184,7 @@ def _cut(backend: "RbdBackend", conn: "_Conn", io: Any, name: str, guuid: str,
 
 
 def _finish(backend: "RbdBackend", conn: "_Conn", io: Any, gid: str, guuid: str, record: dict) -> None:
-    """Give every member its snapshot metadata (naming the group) and drop the temporary group: both idempotent."""
+    """Give every member its snapshot records (naming the group) and drop the temporary group: both idempotent."""
     from .rbd import SNAP_PREFIX
     for m in record["members"]:
         parsed = backend._split(m["snapshot"], SNAP_PREFIX)
@@ -194,7 +194,7 @@ def _finish(backend: "RbdBackend", conn: "_Conn", io: Any, gid: str, guuid: str,
         if img is None:
             continue
         with img:
-            if "name" in backend._meta(img):
+            if "name" in backend._meta(conn.ioctx(parsed[0]), img):
                 continue
             depth = backend._depth(conn, img)
         backend._commit(conn.ioctx(parsed[0]), parsed[1], {

@@ -1,5 +1,5 @@
-"""ControllerPublish/Unpublish for RBD: a record of each node a volume is published to, kept in the image's own
-metadata (`tessera.pub.<hash of the node name>`).
+"""ControllerPublish/Unpublish for RBD: a record of each node a volume is published to, kept with the image's other
+Tessera records (`tessera.pub.<hash of the node name>`, backends/rbd_records.py).
 
 RBD needs no per-node grant: any node with the Ceph credentials can map an image. What the records give is what
 the controller could not know otherwise: the CSI node IDs in `published_node_ids` (ControllerGetVolume,
@@ -8,15 +8,15 @@ a single-node access mode or a second writer (FAILED_PRECONDITION), before that 
 plugin's own check at NodeStage (no other client holding the image read-write) stays: it also covers clients
 outside Kubernetes.
 
-The records are written on the header object directly (backends/rbd_header.py): a publish opens no image, so it
-never takes the exclusive lock a node holds on a mapped image."""
+The records live on the image's id object (backends/rbd_records.py): a publish opens no image, so it never takes the
+exclusive lock a node holds on a mapped image; it reads the records once and writes them once."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import NotFound
 from .publications import NodePublication, check_beside, is_record_key, record_key
-from . import rbd_header
+from . import rbd_records
 
 if TYPE_CHECKING:
     from .rbd import RbdBackend
@@ -37,7 +37,7 @@ def publish(backend: "RbdBackend", local_id: str, node: Any, readonly: bool, cap
     """Record the publication after checking it against the others; nothing else to grant. Idempotent: the same
     publication again writes nothing."""
     import rados
-    from .rbd import META, VOL_PREFIX
+    from .rbd import VOL_PREFIX
     what = f"volume {backend.name}:{local_id}"
     parsed = backend._split(local_id, VOL_PREFIX)
     if parsed is None:
@@ -45,9 +45,8 @@ def publish(backend: "RbdBackend", local_id: str, node: Any, readonly: bool, cap
     conn = backend._conn(secrets)
     with backend._ceph(f"publish {what}", conn):
         io = conn.ioctx(parsed[0])
-        header = rbd_header.header_object(io, parsed[1])
-        meta = backend._own(rbd_header.read_meta(io, header, META), parsed[1]) if header else {}
-        if header is None or "name" not in meta:
+        meta = rbd_records.load(io, parsed[1])
+        if meta is None or "name" not in meta:
             raise NotFound(f"{what} does not exist")
         if any((node.attributes or {}).get(k) != v for k, v in NODE_ATTRIBUTES.items()):
             raise NotFound(f"node {node.name} does not exist as an rbd node: its node ID {node.encode()!r} carries "
@@ -62,7 +61,7 @@ def publish(backend: "RbdBackend", local_id: str, node: Any, readonly: bool, cap
                      lambda p: f"node {p.node}")
         if meta.get(mine) != want.encode():
             try:
-                rbd_header.write_meta(io, header, {META + mine: want.encode()})
+                rbd_records.save(io, parsed[1], meta, {mine: want.encode()})
             except rados.ObjectNotFound:
                 raise NotFound(f"{what} does not exist") from None
     return {}
@@ -72,7 +71,7 @@ def unpublish(backend: "RbdBackend", local_id: str, node: Any, secrets: Mapping[
     """Drop the record of `node` (every record when `node` is None). A volume or record that is not there is
     unpublished already: OK, as the spec asks."""
     import rados
-    from .rbd import META, VOL_PREFIX
+    from .rbd import VOL_PREFIX
     parsed = backend._split(local_id, VOL_PREFIX)
     if parsed is None:
         return
@@ -82,13 +81,12 @@ def unpublish(backend: "RbdBackend", local_id: str, node: Any, secrets: Mapping[
             io = conn.ioctx(parsed[0])
         except NotFound:
             return  # the pool is gone, and the volume with it
-        header = rbd_header.header_object(io, parsed[1])
-        if header is None:
+        meta = rbd_records.load(io, parsed[1])
+        if meta is None:
             return
-        meta = rbd_header.read_meta(io, header, META)
-        drop = [META + k for k in meta if is_record_key(k) and (node is None or k == record_key(node.name))]
+        drop = [k for k in meta if is_record_key(k) and (node is None or k == record_key(node.name))]
         if drop:
             try:
-                rbd_header.write_meta(io, header, {}, drop)
+                rbd_records.save(io, parsed[1], meta, {}, drop)
             except rados.ObjectNotFound:
                 return

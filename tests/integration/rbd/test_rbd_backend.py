@@ -20,7 +20,7 @@ from csi.controllerops import ControllerOps
 from csi.registry import Backends
 from tests.ceph.cluster import _gen_key
 
-from tests.ceph.rbdutil import make_backend, until_done
+from tests.ceph.rbdutil import drop_record, make_backend, records, until_done
 
 pytestmark = pytest.mark.ceph
 MIB = 1 << 20
@@ -58,8 +58,8 @@ def test_create_is_idempotent_and_stores_name_and_parameters(backend: RbdBackend
     assert v1.local_id == v2.local_id and v1.capacity_bytes == 64 * MIB
     images = [n for n in rbd.RBD().list(admin_io) if n == image_name(v1.local_id)]
     assert len(images) == 1
+    assert records(admin_io, images[0])["tessera.name"] == name
     with rbd.Image(admin_io, images[0], read_only=True) as img:
-        assert img.metadata_get("tessera.name") == name
         assert img.features() & rbd.RBD_FEATURE_OBJECT_MAP == 0
         assert img.features() & rbd.RBD_FEATURE_EXCLUSIVE_LOCK
     assert v1.context["pool"] == backend.options.pool and v1.context["image"] == images[0]
@@ -75,8 +75,7 @@ def test_unfinished_create_is_redone_not_duplicated(backend: RbdBackend, admin_i
     invisible to listings, and replaced by the retry."""
     name = uniq("pvc")
     v = backend.create_volume(spec(name))
-    with rbd.Image(admin_io, image_name(v.local_id)) as img:
-        img.metadata_remove("tessera.name")
+    drop_record(admin_io, image_name(v.local_id), "tessera.name")
     assert v.local_id not in {x.local_id for x in backend.list_volumes({})}
     again = backend.create_volume(spec(name))
     assert again.local_id == v.local_id and again.name == name

@@ -16,6 +16,7 @@ import yaml
 
 from backends.base import object_uuid
 from csi._pb import csi_pb2 as pb
+from tests.ceph.rbdutil import records
 from tests.sanity.harness import Client, ServerProcess, mount_cap
 
 pytestmark = pytest.mark.ceph
@@ -98,11 +99,8 @@ def test_kill_9_during_creates_loses_duplicates_and_orphans_nothing(ceph_cluster
         if not image.startswith("tessera-vol-"):
             continue
         try:
-            with rbd.Image(admin_io, image, read_only=True) as img:
-                try:
-                    stored = img.metadata_get("tessera.name")
-                except KeyError:
-                    stored = None
+            with rbd.Image(admin_io, image, read_only=True):
+                stored = records(admin_io, image).get("tessera.name")
         except rbd.ImageNotFound:
             pytest.fail(f"image {image} is listed in the pool but cannot be opened: remains of a killed create")
         if stored is not None and stored.startswith(f"crash-{run_tag}-"):

@@ -7,7 +7,7 @@ import pytest
 import rbd
 
 from backends.base import CapabilitySpec, CreateVolumeSpec
-from tests.ceph.rbdutil import make_backend
+from tests.ceph.rbdutil import drop_record, make_backend
 
 pytestmark = pytest.mark.ceph
 MIB = 1 << 20
@@ -50,8 +50,7 @@ def test_orphans_lists_an_unfinished_create_and_leaves_it(ceph_cluster, state_di
         done = b.create_volume(_spec(f"done-{uuid.uuid4().hex[:8]}"))
         crashed = b.create_volume(_spec(f"crashed-{uuid.uuid4().hex[:8]}"))
         image = crashed.local_id.split(".", 1)[1]
-        with rbd.Image(admin_io, image) as img:  # what a create that died before its commit point leaves
-            img.metadata_remove("tessera.name")
+        drop_record(admin_io, image, "tessera.name")  # what a create that died before its commit point leaves
         found = {o.object: o.reason for o in b.orphans()}
         pool = crashed.local_id.split(".", 1)[0]
         assert f"{pool}/{image}" in found and "commit point" in found[f"{pool}/{image}"]

@@ -24,6 +24,7 @@ import yaml
 
 from backends.base import object_uuid
 from csi._pb import csi_pb2 as pb
+from tests.ceph.rbdutil import records
 from tests.sanity.harness import Client, ServerProcess, mount_cap
 
 pytestmark = pytest.mark.ceph
@@ -269,8 +270,8 @@ def test_two_replicas_racing_on_shared_names_and_volumes(ceph_cluster, tmp_path,
         ours = {}
         for image in _images(admin_io):
             try:
-                with rbd.Image(admin_io, image, read_only=True) as img:
-                    stored = dict(img.metadata_list()).get("tessera.name")
+                with rbd.Image(admin_io, image, read_only=True):
+                    stored = records(admin_io, image).get("tessera.name")
             except rbd.ImageNotFound:
                 continue
             if image in expected:
