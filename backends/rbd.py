@@ -20,9 +20,10 @@ the child is flattened, deleted or purged.
 Concurrency across controller replicas: every create, clone, snapshot, delete and expand holds RADOS lease locks on
 the images it touches (`backends/rbd_locks.py`); the loser of a race gets ABORTED naming the holder.
 
-Idempotency and crash safety: names are deterministic; the request name, parameters and source are stored as image
-metadata (`tessera.*`), all keys in one atomic write once the image is complete: the commit point. An image
-without `tessera.name` is an unfinished create that nothing has seen: a retry removes and redoes it, and listings ignore it. The short-lived RBD
+Idempotency and crash safety: names are deterministic; the request name, parameters and source are stored as the
+image's records (`tessera.*` on its id object, backends/rbd_records.py), all keys in one atomic write once the image
+is complete: the commit point. An image without `tessera.name` is an unfinished create that nothing has seen: a
+retry removes and redoes it, and listings ignore it. The short-lived RBD
 snapshot used for a clone is named after the new image, so a retry finds and reuses or removes it.
 
 Connections: one long-lived rados.Rados per (cluster, user, key), shared by all RPCs (librbd releases the GIL, so
