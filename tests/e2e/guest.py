@@ -80,6 +80,7 @@ class GuestResult:
     shared_dir: str = ""
     log_path: str = ""
     tail: list[str] = field(default_factory=list)  # last console lines, for error messages
+    stalled: bool = False          # killed by the silence watchdog (`silence_limit`): the guest, not the command
 
 
 def host_has_kvm() -> bool:
@@ -185,29 +186,46 @@ def _uml_argv(shared: str, workdir: str, disks: Sequence[str], mem_mb: int, fxsr
 
 
 def _boot(cmd: list[str], env: dict[str, str], workdir: str, preexec, log_path: str, tail: collections.deque,
-          ready_at: list[float], stream: TextIO, t0: float, boot_timeout: float, timeout: float
-          ) -> tuple[str, subprocess.Popen]:
-    """Start the guest once, stream its console, wait for it to finish; (error or "", the process)."""
+          ready_at: list[float], stream: TextIO, t0: float, boot_timeout: float, timeout: float,
+          silence_limit: Optional[float] = None) -> tuple[str, subprocess.Popen, bool]:
+    """Start the guest once, stream its console, wait for it to finish; (error or "", the process, whether the
+    silence watchdog killed it). Silence is measured on raw console bytes (pytest's progress dots count), from the
+    moment the guest is ready."""
     with open(log_path, "w") as log:
         with _SPAWN_LOCK:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env=env, cwd=workdir, start_new_session=True, preexec_fn=preexec)
 
+        heard = [time.monotonic()]  # when the console last said anything
+
+        def line_out(raw: bytes) -> None:
+            line = raw.decode("utf-8", "replace").replace("\r", "")
+            log.write(line)
+            tail.append(line.rstrip("\n"))
+            if not ready_at and "tessera-guest: ready after" in line:
+                ready_at.append(time.monotonic() - t0)
+            stream.write(line)
+            stream.flush()
+
         def pump() -> None:
             assert proc.stdout is not None
-            for raw in iter(proc.stdout.readline, b""):
-                line = raw.decode("utf-8", "replace").replace("\r", "")
-                log.write(line)
-                tail.append(line.rstrip("\n"))
-                if not ready_at and "tessera-guest: ready after" in line:
-                    ready_at.append(time.monotonic() - t0)
-                stream.write(line)
-                stream.flush()
+            pending = b""
+            while True:
+                chunk = proc.stdout.read1(65536)
+                if not chunk:
+                    break
+                heard[0] = time.monotonic()
+                *lines, pending = (pending + chunk).split(b"\n")
+                for raw in lines:
+                    line_out(raw + b"\n")
+            if pending:
+                line_out(pending)
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         deadline = t0 + boot_timeout + timeout + 60
         error = ""
+        stalled = False
         try:
             while proc.poll() is None:
                 now = time.monotonic()
@@ -215,6 +233,10 @@ def _boot(cmd: list[str], env: dict[str, str], workdir: str, preexec, log_path: 
                     error = f"guest did not get ready within {boot_timeout:.0f}s (boot hung?)"
                 elif now > deadline:
                     error = f"guest did not finish within {deadline - t0:.0f}s"
+                elif silence_limit and ready_at and now - heard[0] > silence_limit:
+                    stalled = True
+                    error = (f"guest console silent for {silence_limit:.0f}s after {now - t0:.0f}s: the guest "
+                             "stalled (a UML guest whose clock stopped was seen so), killed")
                 if error:
                     break
                 time.sleep(0.2)
@@ -225,17 +247,19 @@ def _boot(cmd: list[str], env: dict[str, str], workdir: str, preexec, log_path: 
                 pass
             proc.wait()
             reader.join(timeout=5)
-    return error, proc
+    return error, proc, stalled
 
 
 def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind: Optional[str] = None,
                  timeout: float = 1200.0, boot_timeout: Optional[float] = None, env: Optional[dict[str, str]] = None,
                  cwd: Optional[str] = None, disks_mib: Sequence[int] = (), mem_mb: int = 1536,
                  modules: Sequence[str] = GUEST_MODULES, scratch_mib: int = 0,
-                 stream: Optional[TextIO] = None, boot_attempts: int = 2) -> GuestResult:
+                 stream: Optional[TextIO] = None, boot_attempts: int = 2,
+                 silence_limit: Optional[float] = None) -> GuestResult:
     """Boot a guest, run `argv` in it (cwd defaults to the current directory, which the guest sees too), stream the
     console to `stream`, and return what happened. Never raises for guest failures: they are in the result.
-    `scratch_mib` adds a first extra disk that the guest formats and mounts at /scratch ($TESSERA_SCRATCH)."""
+    `scratch_mib` adds a first extra disk that the guest formats and mounts at /scratch ($TESSERA_SCRATCH).
+    `silence_limit`: kill a ready guest whose console says nothing for that many seconds (result.stalled)."""
     kind = choose_kind(kind)
     if boot_timeout is None:  # UML is ready in ~6 s (60 s leaves room for a loaded host); QEMU/TCG needs minutes
         boot_timeout = 60.0 if kind == "uml" else 180.0
@@ -284,8 +308,8 @@ def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind:
     for attempt in range(1, boot_attempts + 1):
         t0 = time.monotonic()
         ready_at: list[float] = []
-        error, proc = _boot(cmd, proc_env, workdir, preexec, log_path, tail, ready_at, stream, t0, boot_timeout,
-                            timeout)
+        error, proc, stalled = _boot(cmd, proc_env, workdir, preexec, log_path, tail, ready_at, stream, t0,
+                                     boot_timeout, timeout, silence_limit)
         if ready_at or attempt == boot_attempts:
             break
         # A boot that never reached "ready" ran nothing: seen once in ~40 boots (UML stalled before udev/scratch
@@ -308,14 +332,16 @@ def run_in_guest(argv: Sequence[str], *, shared_dir: Optional[str] = None, kind:
         if not error:
             error = f"guest died before the command finished (exit {proc.returncode}); see {log_path}"
     rc = int(status.get("rc", -1)) if status else -1
-    if status.get("timed_out"):
+    if stalled:
+        pass  # the watchdog's words say what happened; nothing the guest wrote before it outranks them
+    elif status.get("timed_out"):
         error = status.get("error") or "command timed out inside the guest"
     elif status.get("error") and not error:
         error = status["error"]
     shutil.rmtree(workdir, ignore_errors=True)
     result = GuestResult(kind=label, rc=rc, ok=not error and rc == 0, error=error,
                          boot_seconds=round(ready_at[0], 2) if ready_at else 0.0, total_seconds=round(total, 2),
-                         status=status, shared_dir=shared, log_path=log_path, tail=list(tail))
+                         status=status, shared_dir=shared, log_path=log_path, tail=list(tail), stalled=stalled)
     print(f"tessera-guest: kind={label} rc={rc} ready after {result.boot_seconds}s, total {result.total_seconds}s"
           + (f"; ERROR: {error}" if error else ""), file=stream, flush=True)
     if own_shared and result.ok:

@@ -141,3 +141,32 @@ def test_a_hung_boot_is_retried_once_then_reported(tmp_path, monkeypatch) -> Non
     r = guest.run_in_guest(["true"], shared_dir=str(tmp_path / "b"), kind="uml", boot_timeout=1.5, timeout=5,
                            stream=io.StringIO())
     assert not r.ok and "did not get ready" in r.error and (tmp_path / "b" / "console-boot1.log").exists()
+
+
+def test_a_silent_guest_is_killed_and_dots_count_as_speech(tmp_path, monkeypatch) -> None:
+    """A fake guest (a shell command standing in for linux.uml). One that prints pytest-style progress dots without
+    a newline for longer than the silence limit is left alone; one that gets ready and then says nothing is killed
+    by the watchdog, and the result says the guest stalled (not the command)."""
+    import io
+    import time
+
+    def fake_argv(shared, workdir, disks, mem_mb, fxsr, extra=()):
+        ready = "echo 'tessera-guest: ready after 0.1s'"
+        done = f"echo '{{\"rc\": 0}}' > {shared}/status.json"
+        if os.environ.get("FAKE_SILENT"):
+            return ["sh", "-c", f"{ready}; printf ..; sleep 30; {done}"]
+        return ["sh", "-c", f"{ready}; for i in 1 2 3 4 5 6; do printf .; sleep 0.5; done; echo; {done}"]
+
+    monkeypatch.setattr(guest, "_uml_argv", fake_argv)
+    monkeypatch.setattr(guest, "uml_needs_fxsr", lambda: False)
+    out = io.StringIO()
+    r = guest.run_in_guest(["true"], shared_dir=str(tmp_path / "a"), kind="uml", boot_timeout=5, timeout=20,
+                           stream=out, silence_limit=1.5)
+    assert r.ok and not r.stalled, out.getvalue()
+    assert "......" in out.getvalue()
+    monkeypatch.setenv("FAKE_SILENT", "1")
+    t0 = time.monotonic()
+    r = guest.run_in_guest(["true"], shared_dir=str(tmp_path / "b"), kind="uml", boot_timeout=5, timeout=60,
+                           stream=io.StringIO(), silence_limit=1.5)
+    assert r.stalled and not r.ok and "silent for 2s" in r.error, r.error
+    assert time.monotonic() - t0 < 25, "killed by the watchdog, not by the fake guest's end"  # bound, not speed
