@@ -30,19 +30,19 @@ SUITES: list[Suite] = [
     Suite("lvm-data", ("tests/e2e/inguest/lvm",),
           "LVM backend data path, thick and thin: restage, block, snapshot restore, clone, online grow, capacity, "
           "changed-block tracking on thin (thin_dump/thin_delta)",
-          timeout=1500, expected=520),
+          timeout=1500, expected=480),
     Suite("sanity-lvm", ("tests/sanity", "--sanity-profile", "lvm-thick", "--sanity-profile", "lvm-thin"),
           "the CSI conformance suite against the LVM backend (thick and thin) on a loop-backed VG",
-          timeout=2400, expected=880),
+          timeout=2400, expected=1000),
     Suite("flex-lvm", ("tests/e2e/inguest/flex",),
           "FlexVolume shim + provisioner PVC-to-mount walk on LVM (thick and thin), the shim called as kubelet calls it",
-          timeout=600, expected=76),
+          timeout=600, expected=70),
     Suite("iscsi-data", ("tests/e2e/inguest/iscsi",),
           "iSCSI backend data path: LIO target + open-iscsi via os-brick, CHAP, restage, online grow, shared sessions",
-          timeout=900, expected=157),
+          timeout=900, expected=135),
     Suite("sanity-iscsi", ("tests/sanity", "--sanity-profile", "iscsi-lio-thin", "--sanity-profile", "iscsi-lio-file"),
           "the CSI conformance suite against the iSCSI backend (LIO on thin LVs and on files, open-iscsi initiator)",
-          timeout=2400, expected=900),
+          timeout=2400, expected=780),
     # The SnapshotMetadata tests (controller only: librbd's diff_iterate, nothing of the kernel mounters) are left to
     # the host's rbd profile: under UML, the plugin's librbd aborted in about half of the runs right after a diff
     # ("The futex facility returned an unexpected error code", "std::system_error: Owner died"), never on the host's
@@ -50,12 +50,12 @@ SUITES: list[Suite] = [
     Suite("sanity-rbd-kernel", ("tests/sanity", "--sanity-profile", "rbd-krbd", "--sanity-profile", "rbd-nbd",
                                 "--ignore=tests/sanity/test_sanity_snapshot_metadata.py"),
           "the CSI conformance suite against the RBD backend with the kernel mounters (krbd, rbd-nbd) on a Ceph "
-          "cluster started inside the guest (SnapshotMetadata: on the host)", timeout=2400, expected=500),
+          "cluster started inside the guest (SnapshotMetadata: on the host)", timeout=2400, expected=370),
     Suite("data-safety", ("tests/e2e/inguest/safety",),
           "two node plugins in one guest: reader-only RBD (krbd) and iSCSI volumes never written, a second RBD "
           "writer refused, a multi-writer block volume written by both, thick LVM blank after delete, and a simulated "
           "reboot (devices detached and renumbered behind the plugin's back) for krbd, thick LVM and iSCSI",
-          timeout=1500, expected=320),
+          timeout=1500, expected=150),
 ]
 
 
