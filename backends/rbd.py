@@ -1166,6 +1166,11 @@ class RbdBackend(Backend):
         for p in df.get("pools", []):
             if p.get("name") == pool:
                 return p["stats"]
+        with self._ceph(f"look up pool {pool}", conn):
+            exists = conn.rados.pool_exists(pool)
+        if exists:  # the osdmap has it; the mgr's statistics do not yet (a new pool)
+            raise BackendUnavailable(f"the ceph-mgr has not reported statistics for pool {pool} yet (a new pool); "
+                                     "retry shortly")
         raise NotFound(f"ceph pool {pool!r} does not exist")
 
     def get_capacity(self, parameters: Mapping[str, str], segments: Optional[Mapping[str, str]]) -> Capacity:

@@ -13,7 +13,7 @@ import pytest
 import rbd
 
 from backends.base import CapabilitySpec, ContentSource, CreateVolumeSpec
-from backends.errors import AlreadyExists, BackendUnavailable, DeadlineExceeded, PermissionDenied
+from backends.errors import AlreadyExists, BackendUnavailable, DeadlineExceeded, NotFound, PermissionDenied
 from backends.rbd import RbdBackend, _header_snap_names
 from csi.config import parse_config
 from csi.controllerops import ControllerOps
@@ -278,6 +278,35 @@ def test_capacity_without_a_mgr_says_it_needs_one(fresh_ceph_cluster, state_dir)
         with pytest.raises(BackendUnavailable, match="ceph-mgr"):
             b.get_capacity({}, None)
     finally:
+        b.close()
+
+
+def test_capacity_of_a_pool_the_mgr_has_not_reported_yet_is_unavailable_not_missing(ceph_mgr, state_dir):
+    """A pool created a moment ago exists (the osdmap has it) before the ceph-mgr's statistics list it: GetCapacity
+    then says UNAVAILABLE (retry), never NOT_FOUND, and answers once the mgr has reported. A pool that does not exist
+    is NOT_FOUND."""
+    b = make_backend(ceph_mgr, state_dir)
+    c = ceph_mgr.cluster
+    r = c.rados()
+    name = f"cap-{uuid.uuid4().hex[:6]}"
+    try:
+        c.mon_command(r, "osd pool create", pool=name, pg_num=8, pgp_num=8)
+        answers = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                answers.append(b.get_capacity({"pool": name}, None).available_bytes > 0)
+                break
+            except BackendUnavailable as e:
+                answers.append(str(e))
+                time.sleep(0.5)
+        assert answers[-1] is True, answers
+        assert all(a is True or "has not reported" in a for a in answers), answers
+        with pytest.raises(NotFound, match="does not exist"):
+            b.get_capacity({"pool": f"nope-{uuid.uuid4().hex[:6]}"}, None)
+    finally:
+        c.mon_command(r, "osd pool rm", pool=name, pool2=name, yes_i_really_really_mean_it=True)
+        r.shutdown()
         b.close()
 
 
