@@ -6,7 +6,8 @@ instant of the write stream — the crash consistency the spec asks for. The mem
 so a temporary group (`tessera-tmpgroup-<uuid>`) holds them for the cut and is removed afterwards.
 
 Each member then becomes an ordinary Tessera snapshot image (`tessera-snap-<uuid>` in its source's pool, with the
-usual Tessera records, backends/rbd_records.py, plus `group`), so CreateVolume, ListSnapshots and GetSnapshot treat it like any other.
+usual Tessera records, backends/rbd_records.py, plus `group`), so CreateVolume, ListSnapshots and GetSnapshot
+treat it like any other.
 On pacific, librbd clones only from snapshots in the user namespace and a group snapshot's per-image snapshots are
 in the group namespace, so the member is a deep copy of the image *at the group snapshot* (opened by snapshot id),
 made under a temporary name, stripped of the metadata the copy carried over and renamed into place. A cluster

@@ -8,8 +8,8 @@ RBD backend's own state lives in the pool, so its locks live there too: one smal
 - A lock is exclusive (the operation writes the image: create, delete, expand) or shared (it reads it as a clone
   or snapshot source; several snapshots of one volume may run together).
 - Every lock carries a lease (`duration`). One background thread per backend renews each operation's leases every
-  third of the lease, with cls_lock's MUST_RENEW flag, so a live holder's lock never lapses while a crashed holder's lock
-  expires by itself after one lease (plus the OSD's second granularity). A renewal that finds the lock gone logs
+  third of the lease, with cls_lock's MUST_RENEW flag, so a live holder's lock never lapses while a crashed
+  holder's lock expires by itself after one lease (plus the OSD's second granularity). A renewal that finds the lock gone logs
   an error: the operation outlived its lease (a stalled process) and may have raced.
 - Taking locks never waits: the first busy key raises `Aborted` naming the holder (the operation and its process,
   stored as the lock description and in an xattr on the lock object, which plain `rados` tools can read). The lock
@@ -70,6 +70,11 @@ class LockKey:
     key: str
     label: str
     shared: bool = False
+
+
+def renewal_interval(duration: int) -> float:
+    """How long after its last renewal a lease of `duration` seconds is renewed again: a third of its term."""
+    return max(0.5, duration / 3)
 
 
 def _string(value: str) -> bytes:
@@ -149,12 +154,8 @@ class Lease:
             self.held.append(k)
         self.renewed_at = started
 
-    @property
-    def interval(self) -> float:
-        return max(0.5, self.duration / 3)
-
     def due(self, now: float) -> bool:
-        return now - self.renewed_at >= self.interval
+        return now - self.renewed_at >= renewal_interval(self.duration)
 
     def renew(self) -> None:
         """Renew every held lock (cls_lock MUST_RENEW: only while this cookie still holds it)."""
@@ -274,7 +275,7 @@ class LeaseLocks:
     def __init__(self, backend: str, duration: int) -> None:
         self.backend = backend
         self.duration = max(1, int(duration))
-        self.renewer = _Renewer(backend, max(0.5, self.duration / 3))
+        self.renewer = _Renewer(backend, renewal_interval(self.duration))
         self.releases = _Releases()
 
     @contextlib.contextmanager

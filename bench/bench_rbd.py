@@ -10,7 +10,8 @@ Part 1 runs gRPC, raw, in-process backend and floor-server calls in blocks of 10
 below). The floor server (bench/floor_server.py) is a bare grpcio server whose CreateVolume is one RBD().create:
 what any Python gRPC controller pays, so "Tessera / floor" is what Tessera itself adds.
 Part 2 (throughput): 500 CreateVolume from 32 concurrent gRPC callers versus 500 creates from 32 threads of raw
-librbd and 500 through the floor server, in rotating rounds (default 5), median round of each; creates/s and the gRPC/raw ratio (goal >= 0.8).
+librbd and 500 through the floor server, in rotating rounds (default 5), median round of each; creates/s and the
+gRPC/raw ratio (goal >= 0.8).
 Deletes are timed the same way.
 Part 3 (cluster work): OSD operations per create and per delete on each path (the OSDs' `osd.op` perf counter
 before and after 20 sequential calls, nothing else running), the round trips the driver adds to librbd's own.
