@@ -242,6 +242,8 @@ def main() -> int:
         rss[f"after {a.rounds} rounds of {a.concurrent} creates"] = rss_mib(server.proc.pid)
         time.sleep(5)
         rss["idle 5 s later"] = rss_mib(server.proc.pid)
+        time.sleep(7)  # past csi/memtrim.py's quiet period: freed heap given back
+        rss["idle 12 s later"] = rss_mib(server.proc.pid)
         print(f"\n{load()}")
         med = {k2: (statistics.median(v[0]), statistics.median(v[1])) for k2, v in rates.items()}
         print(f"\nthroughput, {n} volumes, {k} concurrent callers, median of {a.rounds} rotating rounds "

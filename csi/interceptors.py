@@ -23,6 +23,7 @@ from prometheus_client import Counter, Histogram
 
 from backends.errors import InvalidArgument, clip
 
+from . import memtrim
 from .errors import status_for
 from .redact import safe_bounded_dict
 
@@ -129,6 +130,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 context.abort(code, message)
             finally:
                 elapsed = time.monotonic() - start
+                memtrim.note_call()
                 REQUESTS.labels(method, code.name).inc()
                 LATENCY.labels(method, code.name).observe(elapsed)
                 fields = {"method": method, **_ids(request), "duration_ms": round(elapsed * 1000, 2),

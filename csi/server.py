@@ -15,7 +15,7 @@ from typing import Optional
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import groupops, snapshot_metadata
+from . import groupops, memtrim, snapshot_metadata
 from ._pb import csi_pb2_grpc as rpc
 from .config import Config
 from .controller import ControllerService
@@ -107,6 +107,7 @@ def build(config: Config, endpoint: str, node_name: str, mode: str = "all", work
         nodeops = NodeOps(backends, config.node.maxVolumesPerNode, config.node.allowedPathPrefixes, locks)
         nodeops.reconcile()  # records whose mounts and devices are gone (a reboot) are dropped, and logged
         rpc.add_NodeServicer_to_server(NodeService(nodeops), server)
+    memtrim.start()  # freed memory of a burst of calls goes back to the kernel once the burst is over
     hs = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     if server.add_insecure_port(endpoint) == 0:
