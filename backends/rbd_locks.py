@@ -240,31 +240,31 @@ class _Renewer:
         self.name = name
         self.interval = interval  # every lease of a backend has the same term: due `interval` after its last renewal
         self.leases: set[Lease] = set()
-        self.cond = threading.Condition()
+        self.mutex = threading.Lock()
         self.thread: threading.Thread | None = None
 
     def add(self, lease: Lease) -> None:
-        with self.cond:
+        with self.mutex:
             self.leases.add(lease)
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name=f"lease-renewer-{self.name}", daemon=True)
                 self.thread.start()
 
     def discard(self, lease: Lease) -> None:
-        with self.cond:
+        with self.mutex:
             self.leases.discard(lease)
 
     def _run(self) -> None:
         while True:
-            with self.cond:
+            with self.mutex:
                 now = time.monotonic()
                 due = [x for x in self.leases if x.due(now)]
-                if not due:
-                    # Nobody is woken when a lease is added (no wake-up per RPC): a lease added during this wait
-                    # falls due at the earliest `interval` after it began, so the next look is soon enough.
-                    wait = min((self.interval - (now - x.renewed_at) for x in self.leases), default=self.interval)
-                    self.cond.wait(max(0.05, wait))
-                    continue
+                wait = min((self.interval - (now - x.renewed_at) for x in self.leases), default=self.interval)
+            if not due:
+                # Nobody is woken when a lease is added (no wake-up per RPC): a lease added during this sleep
+                # falls due at the earliest `interval` after it began, so the next look is soon enough.
+                time.sleep(max(0.05, wait))
+                continue
             for lease in due:
                 lease.renew()
 

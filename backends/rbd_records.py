@@ -36,6 +36,10 @@ def own(meta: dict[str, str], image: str) -> dict[str, str]:
     return meta if meta.get("image", image) == image else {}
 
 
+def _values(entries: Iterable[tuple[str, bytes]], prefix: str) -> dict[str, str]:
+    return {k[len(prefix):]: v.decode(errors="replace") for k, v in entries}
+
+
 def read(io: Any, image: str) -> Optional[dict[str, str]]:
     """The id object's records (prefix dropped); None when the name is not registered. One OSD operation."""
     import rados
@@ -45,7 +49,7 @@ def read(io: Any, image: str) -> Optional[dict[str, str]]:
             io.operate_read_op(op, id_object(image))
         except rados.ObjectNotFound:
             return None
-        return {k[len(PREFIX):]: v.decode(errors="replace") for k, v in entries}
+        return _values(entries, PREFIX)
 
 
 class PendingRead:
@@ -70,7 +74,7 @@ class PendingRead:
             return None
         if rc < 0:  # rare (permissions, a timeout): read again synchronously, for librados' typed exception
             return read(self.io, self.image)
-        return {k[len(PREFIX):]: v.decode(errors="replace") for k, v in self.entries}
+        return _values(self.entries, PREFIX)
 
 
 @contextlib.contextmanager
@@ -103,7 +107,7 @@ def header_records(io: Any, image: str) -> dict[str, str]:
             io.operate_read_op(op, header)
         except rados.ObjectNotFound:
             return {}
-        return own({k[len(HEADER_PREFIX):]: v.decode(errors="replace") for k, v in entries}, image)
+        return own(_values(entries, HEADER_PREFIX), image)
 
 
 def merged(mine: Optional[dict[str, str]], header: Mapping[str, str]) -> dict[str, str]:

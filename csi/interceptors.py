@@ -129,8 +129,9 @@ class RpcInterceptor(grpc.ServerInterceptor):
                     log.error("error in %s: %s\n%s", method, _render(request), _traceback(exc))
                 context.abort(code, message)
             finally:
-                elapsed = time.monotonic() - start
-                memtrim.note_call()
+                ended = time.monotonic()
+                elapsed = ended - start
+                memtrim.note_call(ended)
                 REQUESTS.labels(method, code.name).inc()
                 LATENCY.labels(method, code.name).observe(elapsed)
                 fields = {"method": method, **_ids(request), "duration_ms": round(elapsed * 1000, 2),

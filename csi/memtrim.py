@@ -24,8 +24,8 @@ class IdleTrimmer:
         self.last_call = 0.0
         self.trimmed_at = 0.0
 
-    def note_call(self, now: float | None = None) -> None:
-        self.last_call = time.monotonic() if now is None else now
+    def note_call(self, now: float) -> None:
+        self.last_call = now
 
     def tick(self, now: float) -> bool:
         """Trim if a burst has ended since the last trim; True when it did."""
@@ -54,10 +54,10 @@ _trimmer: IdleTrimmer | None = None
 _lock = threading.Lock()
 
 
-def note_call() -> None:
-    """A call ended (the RPC interceptor says so)."""
+def note_call(now: float) -> None:
+    """A call ended at `now` (time.monotonic(); the RPC interceptor says so with the clock it already read)."""
     if _trimmer is not None:
-        _trimmer.note_call()
+        _trimmer.note_call(now)
 
 
 def start() -> None:

@@ -49,7 +49,11 @@ def _guest_module():
 guest = _guest_module()
 SUITES = selected()
 LANES = plan_lanes(SUITES, lane_count())
-_LANE_TIMEOUTS = [sum(s.timeout for s in lane) + 120 for lane in LANES]
+def _lane_timeout(suites: list) -> float:
+    return sum(s.timeout for s in suites) + 120
+
+
+_LANE_TIMEOUTS = [_lane_timeout(lane) for lane in LANES]
 # one boot per lane runs every suite inside the first test's fixture: the per-test timeout must cover the longest lane
 # (and a rerun after a stall: SILENCE_LIMIT of silence, then at most the whole lane again)
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2 * max(_LANE_TIMEOUTS) + 600)]
@@ -128,7 +132,7 @@ def stage(request, tmp_path_factory) -> Stage:
         argv = [sys.executable, os.path.join(_HERE, "inguest_run.py"), lane_dir, *[s.name for s in suites]]
         try:
             return guest.run_in_guest(argv, shared_dir=lane_dir, cwd=_REPO, env=env, scratch_mib=8192,
-                                      timeout=sum(s.timeout for s in suites) + 120, silence_limit=SILENCE_LIMIT,
+                                      timeout=_lane_timeout(suites), silence_limit=SILENCE_LIMIT,
                                       stream=_Prefixed(f"[lane {i}] ", sys.stdout, ready_event))
         except Exception as e:  # noqa: BLE001 - a guest that cannot start is this lane's failure, not a hang
             return guest.GuestResult(kind=kind, rc=-1, ok=False, error=f"could not start the guest: {e!r}")
