@@ -15,7 +15,7 @@ from typing import Optional
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import groupops, memtrim, snapshot_metadata
+from . import groupops, logfmt, memtrim, snapshot_metadata
 from ._pb import csi_pb2_grpc as rpc
 from .config import Config
 from .controller import ControllerService
@@ -132,6 +132,7 @@ def serve_forever(srv: Server, grace: float = 30.0) -> None:
     srv.stop(grace)
     log.info('{"event": "stopped"}')
     logging.shutdown()
+    logfmt.flush()  # the log writer's queue: os._exit below runs no exit handlers
     sys.stdout.flush()
     sys.stderr.flush()
     # Every RPC has finished (or was cancelled after the grace period) and the backends are closed. Threads that
