@@ -8,11 +8,14 @@ Part 1 (latency): one caller, gRPC and raw calls interleaved per iteration so th
 p50/p95 of each and the gRPC/raw ratios (goal: p50 ratio <= 1.25).
 Part 1 runs gRPC, raw, in-process backend and floor-server calls in blocks of 10, the order rotated per block (see
 below). The floor server (bench/floor_server.py) is a bare grpcio server whose CreateVolume is one RBD().create:
-what any Python gRPC controller pays, so "Tessera / floor" is what Tessera itself adds.
+what any Python gRPC controller pays, so "Tessera / floor" is what Tessera itself adds. That difference is then
+split: the lease lock (timed alone through the driver's lock code), the commit (backend - raw), and the rest.
 Part 2 (throughput): 500 CreateVolume from 32 concurrent gRPC callers versus 500 creates from 32 threads of raw
 librbd and 500 through the floor server, in rotating rounds (default 5), median round of each; creates/s and the
-gRPC/raw ratio (goal >= 0.8).
-Deletes are timed the same way.
+gRPC/raw ratio (goal >= 0.8), and the CPU each path's process spends per create (on this 2-core machine the
+cluster shares the CPUs, so CPU per create bounds the rate) with its threads' voluntary context switches. Deletes
+are timed the same way. The controller's RSS is read right after each of its batches (the highest printed) and
+while idle afterwards.
 Part 3 (cluster work): OSD operations per create and per delete on each path (the OSDs' `osd.op` perf counter
 before and after 20 sequential calls, nothing else running), the round trips the driver adds to librbd's own.
 Raw calls use the same user, pool, image features and size as the driver. Figures only; nothing asserts on time.
@@ -40,7 +43,7 @@ import rbd  # noqa: E402
 import yaml  # noqa: E402
 
 from backends.rbd import FEATURE_NAMES, _feature_bits  # noqa: E402
-from bench.measure import load, rss_mib  # noqa: E402
+from bench.measure import context_switches, cpu_seconds, load, rss_mib  # noqa: E402
 from csi._pb import csi_pb2 as pb  # noqa: E402
 from csi._pb import csi_pb2_grpc as rpc  # noqa: E402
 from tests.ceph.cluster import Cluster, bootstrap, start  # noqa: E402
@@ -48,6 +51,8 @@ from tests.sanity.harness import Client, ServerProcess, mount_cap  # noqa: E402
 from tests.ceph.fixtures import CephInfo  # noqa: E402
 from tests.ceph.rbdutil import make_backend  # noqa: E402
 from backends.base import CapabilitySpec, CreateVolumeSpec  # noqa: E402
+from backends.locking import Operation  # noqa: E402
+from backends.rbd_locks import OBJECT_PREFIX, LeaseLocks, LockKey  # noqa: E402
 
 SIZE = 1 << 30
 BLOCK = 10
@@ -202,6 +207,27 @@ def main() -> int:
         f_create = lat["floor"][0]
         print(f"create p50: floor / raw {pct(f_create, 50) / pct(r_create, 50):.2f} (any Python gRPC server), "
               f"Tessera / floor {pct(g_create, 50) / pct(f_create, 50):.2f} (what Tessera adds)")
+        # Where Tessera's time over the floor goes: the cross-replica lease lock (one OSD operation before the
+        # create, timed here alone through the driver's own lock code; its release is sent without waiting), the
+        # commit (backend - raw: the records write after the create), and the rest (Python in the request path).
+        leases = LeaseLocks("bench", 60)
+        lock_times = []
+        lock_objs = []
+        for _ in range(a.iterations):
+            key = f"bench-{uuid.uuid4().hex[:12]}"
+            lock_objs.append(OBJECT_PREFIX + key)
+            s = time.perf_counter()
+            with leases.hold(io, [LockKey(key, "bench lock")], Operation("CreateVolume", key)):
+                pass
+            lock_times.append(time.perf_counter() - s)
+        time.sleep(1)  # the last releases land
+        for obj in lock_objs:
+            io.remove_object(obj)
+        gap = pct(g_create, 50) - pct(f_create, 50)
+        lock_ms = pct(lock_times, 50)
+        commit = pct(lat["backend"][0], 50) - pct(r_create, 50)
+        print(f"Tessera - floor, create p50 {gap * 1e3:.2f} ms = lease lock {lock_ms * 1e3:.2f} + commit (backend - "
+              f"raw) {commit * 1e3:.2f} + the rest {(gap - lock_ms - commit) * 1e3:.2f}")
 
         # Cluster work: the OSDs' op counter around COUNTED sequential calls per path. The admin connection that
         # reads the counter talks to the OSDs only through `perf dump` (no op), and no other client is busy.
@@ -227,19 +253,33 @@ def main() -> int:
         n, k = a.concurrent, a.callers
         contenders = ["gRPC", "raw", "floor"]
         rates: dict[str, tuple[list[float], list[float]]] = {k2: ([], []) for k2 in contenders}
+        # CPU per create of the process doing each path's work (raw: this process, its 32 threads included)
+        pids = {"gRPC": server.proc.pid, "raw": os.getpid(), "floor": floor_proc.pid}
+        cpu: dict[str, list[float]] = {k2: [] for k2 in contenders}
+        switches: dict[str, list[float]] = {k2: [] for k2 in contenders}
+        after_load = {"creates": 0.0, "deletes": 0.0}  # the server's highest RSS right after its batches
         with ThreadPoolExecutor(k) as ex:
             for rnd in range(a.rounds):
                 for label in contenders[rnd % 3:] + contenders[:rnd % 3]:
                     make, drop = paths[label]
                     names = [f"tp-{uuid.uuid4().hex[:12]}" for _ in range(n)]
+                    used, switched = cpu_seconds(pids[label]), context_switches(pids[label])
                     s = time.perf_counter()
                     objs = list(ex.map(make, names))
                     rates[label][0].append(n / (time.perf_counter() - s))
+                    cpu[label].append((cpu_seconds(pids[label]) - used) / n)
+                    switches[label].append((context_switches(pids[label]) - switched) / n)
+                    if label == "gRPC":
+                        after_load["creates"] = max(after_load["creates"], rss_mib(server.proc.pid))
                     s = time.perf_counter()
                     list(ex.map(drop, objs))
                     rates[label][1].append(n / (time.perf_counter() - s))
+                    if label == "gRPC":
+                        after_load["deletes"] = max(after_load["deletes"], rss_mib(server.proc.pid))
         backend.close()
-        rss[f"after {a.rounds} rounds of {a.concurrent} creates"] = rss_mib(server.proc.pid)
+        rss[f"highest right after a batch of {a.concurrent} creates"] = after_load["creates"]
+        rss[f"highest right after a batch of {a.concurrent} deletes"] = after_load["deletes"]
+        rss["after the whole load"] = rss_mib(server.proc.pid)
         time.sleep(5)
         rss["idle 5 s later"] = rss_mib(server.proc.pid)
         time.sleep(7)  # past csi/memtrim.py's quiet period: freed heap given back
@@ -256,6 +296,13 @@ def main() -> int:
             fspread = ", ".join(f"{x:.0f}" for x in rates["floor"][i])
             print(f"     floor {med['floor'][i]:8.1f} [{fspread}]   floor / raw {med['floor'][i] / med['raw'][i]:.2f}, "
                   f"Tessera / floor {med['gRPC'][i] / med['floor'][i]:.2f}")
+        print(f"CPU per create (ms, median round; every thread of the process doing the work, the cluster's own "
+              f"not counted): Tessera's server {statistics.median(cpu['gRPC']) * 1e3:.2f}, floor server "
+              f"{statistics.median(cpu['floor']) * 1e3:.2f}, raw (this process) {statistics.median(cpu['raw']) * 1e3:.2f}"
+              f"   ({os.cpu_count()} CPUs, shared with the cluster)")
+        print(f"voluntary context switches per create (all threads): Tessera's server "
+              f"{statistics.median(switches['gRPC']):.1f}, floor server {statistics.median(switches['floor']):.1f}, "
+              f"raw (this process) {statistics.median(switches['raw']):.1f}")
         print(f"\ncontroller RSS (MiB, MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')} in the "
               f"bench's environment): " + ", ".join(f"{k} {v:.1f}" for k, v in rss.items()) + f"   {load()}")
         left = [x for x in rbd.RBD().list(io) if x.startswith(("tessera-vol-", "raw-", "floor-", "inproc-"))]
