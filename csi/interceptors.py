@@ -106,9 +106,25 @@ def _decoding_stream(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMet
 
 
 class RpcInterceptor(grpc.ServerInterceptor):
+    """grpc asks for the handler of every call; the wrapped handler of a method is built once and kept (the
+    services' methods are fixed when the server starts, so the kept set is bounded; a method no service has is
+    answered UNIMPLEMENTED by grpc and never kept, so made-up names cannot grow it)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}
+
     def intercept_service(self, continuation, handler_call_details):
+        path = handler_call_details.method
+        kept = self._wrapped.get(path)
+        if kept is not None:
+            return kept
         handler = continuation(handler_call_details)
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        wrapped = self._wrap(handler, path.rsplit("/", 1)[-1])
+        if handler is not None:
+            self._wrapped[path] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: Any, method: str) -> Any:
         if handler is not None and handler.unary_stream is not None and handler.request_deserializer is not None:
             return _decoding_stream(method, handler)
         if handler is None or handler.unary_unary is None:
