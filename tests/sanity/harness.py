@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import grpc
 import pytest
 
+from csi import logfmt
 from csi._pb import csi_pb2 as pb
 from csi._pb import csi_pb2_grpc as rpc
 
@@ -77,6 +78,13 @@ class ServerProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def written_log(self) -> str:
+        """The live server's whole log so far, once its writer thread has written what the calls made until now
+        logged (it writes in batches, BATCH_DELAY late at most)."""
+        time.sleep(logfmt.BATCH_DELAY * 4)
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -3,10 +3,8 @@ guest: creates, clones, snapshots (thin), restores (thin), expands and deletes o
 volume per name, no INTERNAL or UNKNOWN answer, no orphan LV, no lost volume (the checks are in tests/racing.py)."""
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
-from csi import logfmt
 from tests.e2e.vg import _run
 from tests.racing import run_rounds
 
@@ -29,6 +27,5 @@ def test_64_way_races_leave_one_volume_per_name_and_no_orphan_lv(lvm_server: "Lv
     counts = run_rounds(lvm_server.client, ROUNDS, snapshots=lvm_server.thin, leftovers=lambda: _our_lvs(lvm_server))
     assert lvm_server.server.alive(), lvm_server.server.log_tail()
     assert counts.get("ABORTED", 0) > 0, counts
-    time.sleep(logfmt.BATCH_DELAY * 4)  # the server writes its log lines in batches, this late at most
-    log = open(lvm_server.server.log_path, errors="replace").read()
+    log = lvm_server.server.written_log()
     assert '"code": "INTERNAL"' not in log and '"code": "UNKNOWN"' not in log, lvm_server.server.log_tail(80)
